@@ -1,0 +1,5 @@
+import sys
+
+from embseg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,128 @@
+"""The ``embseg`` command line: one sub-command per pipeline stage.
+
+Each sub-command's options are declared here; the work is done by a ``cli_*`` function in the
+stage's own module, imported only when that command runs (so ``embseg vocab`` does not import
+torch). Fatal input problems surface as one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from embseg.errors import EmbsegError
+
+
+def _command(parser: argparse.ArgumentParser, target: str) -> None:
+    parser.set_defaults(_target=target)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    parser = argparse.ArgumentParser(prog="embseg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("vocab", help="merge LVIS and COCO-Stuff categories into one vocabulary")
+    p.add_argument("--lvis", type=Path, required=True, help="LVIS v1 annotation file")
+    p.add_argument("--coco-stuff", type=Path, action="append", required=True,
+                   help="COCO-Stuff annotation file (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="output classes.parquet")
+    _command(p, "embseg.vocab:cli_vocab")
+
+    p = sub.add_parser("build", help="build WebDataset shards (label maps painted on Ray)")
+    p.add_argument("--lvis", type=Path, required=True)
+    p.add_argument("--coco-stuff", type=Path, action="append", required=True)
+    p.add_argument("--images", type=Path, required=True, help="images root (holds train2017/ ...)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--split", default="train")
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--workers", type=int, default=None, help="local Ray CPUs (default: all)")
+    p.add_argument("--ray-address", default=None, help="existing Ray cluster to run on")
+    p.add_argument("--overlap", choices=["first", "smaller"], default="first")
+    p.add_argument("--allow-failures", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    _command(p, "embseg.build:cli_build")
+
+    p = sub.add_parser("synth", help="write the built-in synthetic dataset (real LVIS/COCO layout)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--images", type=int, default=200)
+    p.add_argument("--val-images", type=int, default=50)
+    p.add_argument("--lvis-classes", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--categories", type=Path, default=None,
+                   help="LVIS file to borrow real category names and frequencies from")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels")
+    _command(p, "embseg.synth:cli_synth")
+
+    p = sub.add_parser("train", help="train DeepLabV3+ with the embedding (ESS) or softmax head")
+    p.add_argument("--shards", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--val-shards", type=Path, default=None)
+    p.add_argument("--head", choices=["embedding", "softmax"], default="embedding")
+    p.add_argument("--backbone", default="tiny",
+                   choices=["tiny", "mobilenetv2", "resnet50", "resnet101"])
+    p.add_argument("--backbone-weights", type=Path, default=None)
+    p.add_argument("--output-stride", type=int, choices=[8, 16], default=16)
+    p.add_argument("--embed-dim", type=int, default=32)
+    p.add_argument("--k", type=int, default=7)
+    p.add_argument("--temperature", type=float, default=20.0)
+    p.add_argument("--margin", type=float, default=0.2)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--crop-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--on-bad-sample", choices=["skip", "fail"], default="skip")
+    p.add_argument("--no-progress", action="store_true")
+    _command(p, "embseg.train:cli_train")
+
+    p = sub.add_parser("eval", help="mIoU and per-class IoU of a checkpoint on shards")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--shards", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--on-bad-sample", choices=["skip", "fail"], default="fail")
+    _command(p, "embseg.evaluate:cli_eval")
+
+    p = sub.add_parser("predict", help="colourised label maps, overlays and legends for images")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("images", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    _command(p, "embseg.predict:cli_predict")
+
+    p = sub.add_parser("bench", help="memory/speed of ESS vs softmax; build and loader throughput")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--gpu-sizes", action="store_true")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    _command(p, "embseg.bench:cli_bench")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``embseg`` console script; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    module_name, func_name = args._target.split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(func(args) or 0)
+    except EmbsegError as exc:
+        print(f"embseg: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("embseg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

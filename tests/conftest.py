@@ -1,0 +1,32 @@
+"""Shared fixtures: one local Ray instance and one small synthetic dataset per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+SHARED_VOCAB = Path(__file__).resolve().parents[2] / "shared" / "vocab"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray runtime (2 CPUs, no dashboard) shared by every test that needs one."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_vocab() -> Path:
+    """The real LVIS v1 / COCO-Stuff category lists beside the checkout (skip if absent)."""
+    if not (SHARED_VOCAB / "lvis_v1_categories.json").exists():
+        pytest.skip(f"real category lists not found at {SHARED_VOCAB}")
+    return SHARED_VOCAB
