@@ -38,6 +38,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from embseg.errors import EmbsegError
+from embseg.vocab import read_categories
 
 STUFF_FIRST_ID = 92
 STUFF_LAST_ID = 182
@@ -180,24 +181,15 @@ def _check_arguments(*, images: int, val_images: int, lvis_classes: int, size: i
 
 
 def _read_borrowed_categories(path: Path) -> list[dict]:
-    """The LVIS categories of ``path``: an LVIS annotation file or a bare category list."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        raise EmbsegError(f"{path}: categories file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EmbsegError(f"{path}: cannot read categories: {exc}") from None
-    cats = data.get("categories") if isinstance(data, dict) else data
-    if not isinstance(cats, list) or not cats:
-        raise EmbsegError(f"{path}: no LVIS 'categories' list found")
-    for index, cat in enumerate(cats):
-        if not isinstance(cat, dict) or not isinstance(cat.get("name"), str):
-            raise EmbsegError(f"{path}: category #{index} has no name")
+    """The LVIS categories of ``path`` (an LVIS file or a bare list), each with r/c/f."""
+    cats = read_categories(path)
+    if not cats:
+        raise EmbsegError(f"{path}: the 'categories' list is empty")
+    for cat in cats:
         if cat.get("frequency") not in ("r", "c", "f"):
-            raise EmbsegError(f"{path}: category {cat.get('id')!r} ({cat['name']}) has no "
+            raise EmbsegError(f"{path}: category id {cat['id']} ({cat['name']}) has no "
                               "LVIS frequency r/c/f")
-    return sorted(cats, key=lambda cat: cat.get("id", 0))
+    return sorted(cats, key=lambda cat: cat["id"])
 
 
 # --------------------------------------------------------------------------- class inventory

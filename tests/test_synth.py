@@ -212,3 +212,14 @@ def test_cli_synth_and_bad_arguments(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path / "bad"), "--categories",
                  str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+def test_vocabulary_of_synthetic_files(small):
+    from embseg.vocab import build_vocabulary
+
+    vocab = build_vocabulary(small.lvis_train, [small.stuff_train, small.stuff_val])
+    merged = [c for c in vocab.classes if c.source == "both"]
+    assert len(merged) >= 2
+    assert vocab.num_classes == SMALL["lvis_classes"] + 91 - len(merged)
+    assert set(vocab.groups()) == {"rare", "common", "frequent", "stuff"}
+    assert all(vocab.groups()[g] for g in ("rare", "common", "frequent", "stuff"))
