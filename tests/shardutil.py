@@ -1,0 +1,106 @@
+"""Small shards in the documented format, written directly by the tests.
+
+Samples: ``<key>.jpg`` (encoded image bytes), ``<key>.seg.png`` (uint16 label map),
+``<key>.json`` (metadata); ``classes.parquet`` and ``manifest.parquet`` beside the shards.
+The images are colour-coded: every class id has one palette colour, so a label can be checked
+against the pixel colour after any geometric augmentation.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+from PIL import Image
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """Distinct, well separated RGB colours for ids 0..num_classes (0 = unlabelled, black)."""
+    rng = np.random.default_rng(1234)
+    colours = rng.integers(40, 256, size=(num_classes + 1, 3)).astype(np.uint8)
+    colours[0] = 0
+    return colours
+
+
+def block_label(height: int, width: int, num_classes: int, rng: np.random.Generator,
+                block: int = 8, unlabelled: float = 0.1) -> np.ndarray:
+    """A label map of constant blocks with random class ids (some unlabelled)."""
+    rows, cols = -(-height // block), -(-width // block)
+    ids = rng.integers(1, num_classes + 1, size=(rows, cols))
+    ids[rng.random((rows, cols)) < unlabelled] = 0
+    return np.kron(ids, np.ones((block, block), dtype=np.int64))[:height, :width].astype(np.uint16)
+
+
+def encode_image(image: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def encode_label(label: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(label.astype(np.uint16)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def colour_sample(key: int, *, height: int, width: int, num_classes: int, seed: int = 0,
+                  fmt: str = "PNG") -> dict:
+    """A sample whose pixel colour is palette[label] (lossless PNG bytes under ``jpg``)."""
+    rng = np.random.default_rng([seed, key])
+    label = block_label(height, width, num_classes, rng)
+    image = palette(num_classes)[label]
+    return make_sample(key, encode_image(image, fmt), label)
+
+
+def make_sample(key: int, image_bytes: bytes, label: np.ndarray) -> dict:
+    classes = sorted(int(c) for c in np.unique(label) if c)
+    meta = {"image_id": key, "height": int(label.shape[0]), "width": int(label.shape[1]),
+            "file_name": f"{key:012d}.jpg", "n_lvis": 0, "n_stuff": 0, "classes": classes}
+    return {"__key__": f"{key:012d}", "jpg": image_bytes, "seg.png": encode_label(label),
+            "json": json.dumps(meta).encode()}
+
+
+def write_classes(directory: Path, num_classes: int) -> Path:
+    """A ``classes.parquet`` with the documented columns (rare/common/frequent LVIS + stuff)."""
+    ids = list(range(1, num_classes + 1))
+    freq_cycle = ["r", "c", "f", None]
+    frequency = [freq_cycle[(i - 1) % 4] for i in ids]
+    source = ["lvis" if f is not None else "coco_stuff" for f in frequency]
+    table = pa.table({
+        "id": pa.array(ids, pa.int64()),
+        "name": [f"class_{i}" for i in ids],
+        "source": source,
+        "lvis_id": pa.array([i if s == "lvis" else None for i, s in zip(ids, source)], pa.int64()),
+        "coco_stuff_id": pa.array([100 + i if s != "lvis" else None for i, s in zip(ids, source)],
+                                  pa.int64()),
+        "frequency": pa.array(frequency, pa.string()),
+        "synonyms": pa.array([[f"class_{i}"] for i in ids], pa.list_(pa.string())),
+    })
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "classes.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+def write_shards(directory: Path, samples: list[dict], *, num_classes: int, split: str = "train",
+                 shard_size: int = 1000, manifest: bool = True) -> list[Path]:
+    """Write ``samples`` as ``<split>-NNNNNN.tar`` shards plus classes/manifest parquet files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    write_classes(directory, num_classes)
+    shards, rows = [], []
+    for start in range(0, len(samples), shard_size):
+        path = directory / f"{split}-{start // shard_size:06d}.tar"
+        with wds.TarWriter(str(path)) as writer:
+            for sample in samples[start:start + shard_size]:
+                writer.write(sample)
+                rows.append({"key": sample["__key__"], "shard": path.name, "status": "ok",
+                             "reason": None})
+        shards.append(path)
+    if manifest:
+        pq.write_table(pa.Table.from_pylist(rows), directory / "manifest.parquet")
+    return shards
