@@ -18,6 +18,8 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
+from embseg.vocab import VocabClass, Vocabulary
+
 
 def palette(num_classes: int) -> np.ndarray:
     """Distinct, well separated RGB colours for ids 0..num_classes (0 = unlabelled, black)."""
@@ -65,25 +67,25 @@ def make_sample(key: int, image_bytes: bytes, label: np.ndarray) -> dict:
             "json": json.dumps(meta).encode()}
 
 
+def test_vocabulary(num_classes: int) -> Vocabulary:
+    """Classes ``class_1..class_C`` cycling LVIS rare / common / frequent and stuff."""
+    frequencies = ["r", "c", "f", None]
+    classes = []
+    for class_id in range(1, num_classes + 1):
+        frequency = frequencies[(class_id - 1) % 4]
+        stuff = frequency is None
+        classes.append(VocabClass(id=class_id, name=f"class_{class_id}",
+                                  source="coco_stuff" if stuff else "lvis",
+                                  lvis_id=None if stuff else class_id,
+                                  coco_stuff_id=100 + class_id if stuff else None,
+                                  frequency=frequency, synonyms=(f"class_{class_id}",)))
+    return Vocabulary(classes=tuple(classes))
+
+
 def write_classes(directory: Path, num_classes: int) -> Path:
-    """A ``classes.parquet`` with the documented columns (rare/common/frequent LVIS + stuff)."""
-    ids = list(range(1, num_classes + 1))
-    freq_cycle = ["r", "c", "f", None]
-    frequency = [freq_cycle[(i - 1) % 4] for i in ids]
-    source = ["lvis" if f is not None else "coco_stuff" for f in frequency]
-    table = pa.table({
-        "id": pa.array(ids, pa.int64()),
-        "name": [f"class_{i}" for i in ids],
-        "source": source,
-        "lvis_id": pa.array([i if s == "lvis" else None for i, s in zip(ids, source)], pa.int64()),
-        "coco_stuff_id": pa.array([100 + i if s != "lvis" else None for i, s in zip(ids, source)],
-                                  pa.int64()),
-        "frequency": pa.array(frequency, pa.string()),
-        "synonyms": pa.array([[f"class_{i}"] for i in ids], pa.list_(pa.string())),
-    })
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "classes.parquet"
-    pq.write_table(table, path)
+    """``DIR/classes.parquet`` of :func:`test_vocabulary`."""
+    path = Path(directory) / "classes.parquet"
+    test_vocabulary(num_classes).write_parquet(path)
     return path
 
 
