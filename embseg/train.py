@@ -1,0 +1,361 @@
+"""Training DeepLabV3+ with the embedding (ESS) or softmax head on WebDataset shards.
+
+One readable loop (nanoGPT style), configured by one dataclass, :class:`TrainConfig`:
+SGD (momentum 0.9, weight decay 1e-4), poly learning rate (power 0.9) over ``steps``, the
+backbone at 0.1 x the learning rate, bf16 autocast on CUDA only, the paper's augmentation.
+
+Run directory ``RUN`` (``--out``):
+
+- ``last.pt`` every ``checkpoint_every`` steps and at the end (the one it replaces is kept as
+  ``last.prev.pt``), ``best.pt`` by val mIoU when val shards are given;
+- ``metrics.jsonl``: one row per step (``kind: train``: step, loss and its parts, lr,
+  images/s, bad samples skipped so far) and one per evaluation (``kind: eval``: val mIoU,
+  pixel accuracy, ..., group mIoUs).
+
+``resume`` continues from ``last.pt``: model, optimizer, scheduler, step, RNG states and the
+loader position, so that on CPU with a fixed seed the losses after the resume equal those of
+an uninterrupted run. ``metrics.jsonl`` is cut back to the checkpoint's step first, so it reads
+as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from embseg.checkpoint import (
+    load_checkpoint,
+    new_payload,
+    previous_path,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    vocabulary_record,
+)
+from embseg.data import BAD_SAMPLE_POLICIES, LoaderState, TrainBatches, train_loader
+from embseg.errors import EmbsegError
+from embseg.evaluate import EvalReport, evaluate_model, resolve_device, shard_vocabulary
+from embseg.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+
+MOMENTUM = 0.9
+WEIGHT_DECAY = 1e-4
+POLY_POWER = 0.9
+
+RUN_DEFINING_FIELDS = ("head", "backbone", "output_stride", "embed_dim", "k", "temperature",
+                       "margin", "batch_size", "crop_size", "lr", "num_workers", "seed",
+                       "shuffle_buffer")
+"""Settings a resumed run must share with the checkpoint (they shape the model or the data)."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; the fields mirror the ``embseg train`` options."""
+
+    shards: Path
+    out: Path
+    val_shards: Path | None = None
+    head: str = "embedding"
+    backbone: str = "tiny"
+    backbone_weights: Path | None = None
+    output_stride: int = 16
+    embed_dim: int = 32
+    k: int = 7
+    temperature: float = 20.0
+    margin: float = 0.2
+    steps: int = 1000
+    batch_size: int = 8
+    crop_size: int = 256
+    lr: float = 0.01
+    num_workers: int = 2
+    checkpoint_every: int = 100
+    eval_every: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    resume: bool = False
+    on_bad_sample: str = "skip"
+    no_progress: bool = False
+    shuffle_buffer: int = 256
+    eval_batch_size: int = 4
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
+        """The config of parsed ``embseg train`` options (unknown attributes ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain values (paths as strings) for checkpoints and logs."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+    def check(self) -> None:
+        """EmbsegError naming the option when a setting is out of range."""
+        rules = {"steps": self.steps >= 1, "batch_size": self.batch_size >= 1,
+                 "crop_size": self.crop_size >= 8, "lr": self.lr > 0,
+                 "num_workers": self.num_workers >= 0, "checkpoint_every": self.checkpoint_every >= 1,
+                 "eval_every": self.eval_every is None or self.eval_every >= 1,
+                 "on_bad_sample": self.on_bad_sample in BAD_SAMPLE_POLICIES,
+                 "shuffle_buffer": self.shuffle_buffer >= 0}
+        for name, ok in rules.items():
+            if not ok:
+                raise EmbsegError(f"train setting {name}={getattr(self, name)!r} is out of range")
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run left its files, and its last figures."""
+
+    run_dir: Path
+    last_checkpoint: Path
+    best_checkpoint: Path | None
+    step: int
+    metrics: dict[str, Any]
+
+
+class MetricsLog:
+    """``RUN/metrics.jsonl``: appended row by row, cut back to a step on resume."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill: drop it
+                continue
+        return rows
+
+    def truncate(self, step: int) -> None:
+        """Keep rows up to ``step`` (rewritten atomically); rows after it will be redone."""
+        kept = [row for row in self.rows() if row.get("step", 0) <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        os.replace(tmp, self.path)
+
+    def append(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+def poly_factor(step: int, steps: int, power: float = POLY_POWER) -> float:
+    """Poly learning-rate multiplier after ``step`` of ``steps`` steps: (1 - step/steps)^power."""
+    return max(0.0, 1.0 - step / steps) ** power
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (model initialisation, dropout)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _load_vocabularies(config: TrainConfig) -> Vocabulary:
+    vocab = shard_vocabulary(config.shards)
+    if config.val_shards is not None:
+        val_vocab = shard_vocabulary(config.val_shards)
+        if val_vocab.content_hash() != vocab.content_hash():
+            raise EmbsegError(f"{Path(config.val_shards) / 'classes.parquet'}: class table "
+                              f"{val_vocab.content_hash()} differs from the training shards' "
+                              f"{vocab.content_hash()}")
+    return vocab
+
+
+def _build(config: TrainConfig, vocab: Vocabulary, device: torch.device, *, resuming: bool):
+    """Model, optimizer and poly scheduler of a config (deterministic given the seed)."""
+    from embseg.models import build_model
+
+    seed_everything(config.seed)
+    model = build_model(backbone=config.backbone, head=config.head,
+                        num_classes=vocab.num_classes, embed_dim=config.embed_dim,
+                        output_stride=config.output_stride, k=config.k,
+                        temperature=config.temperature, margin=config.margin,
+                        backbone_weights=None if resuming else config.backbone_weights)
+    model.to(device)
+    optimizer = torch.optim.SGD(model.param_groups(config.lr), lr=config.lr, momentum=MOMENTUM,
+                                weight_decay=WEIGHT_DECAY)
+    steps = config.steps
+
+    def poly(step: int) -> float:
+        return poly_factor(step, steps)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
+    return model, optimizer, scheduler
+
+
+def _check_resumable(config: TrainConfig, payload: dict[str, Any]) -> None:
+    stored = payload.get("train_config", {})
+    differing = [f"{name}={getattr(config, name)!r} (checkpoint: {stored.get(name)!r})"
+                 for name in RUN_DEFINING_FIELDS
+                 if name in stored and stored[name] != getattr(config, name)]
+    if differing:
+        raise EmbsegError(f"{payload['path']}: cannot resume with different settings: "
+                          + ", ".join(differing))
+
+
+@dataclass
+class _RunState:
+    step: int = 0
+    best_miou: float | None = None
+    loader_state: LoaderState | None = None
+    last_eval: dict[str, Any] | None = None
+
+
+def _resume(config: TrainConfig, vocab: Vocabulary, model, optimizer, scheduler,
+            device: torch.device) -> _RunState:
+    """Restore a run from ``RUN/last.pt`` (or its previous good version)."""
+    last = Path(config.out) / "last.pt"
+    if not last.exists() and not previous_path(last).exists():
+        log.warning("%s: no checkpoint to resume from; starting at step 0", config.out)
+        return _RunState()
+    payload = load_checkpoint(last, map_location="cpu", expected_hash=vocab.content_hash(),
+                              vocabulary_file=Path(config.shards) / "classes.parquet")
+    _check_resumable(config, payload)
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    set_rng_state(payload["rng"])
+    return _RunState(step=int(payload["step"]), best_miou=payload.get("best_miou"),
+                     loader_state=LoaderState.from_dict(payload["data"]),
+                     last_eval=payload.get("last_eval"))
+
+
+def _payload(config: TrainConfig, vocab: Vocabulary, model, optimizer, scheduler,
+             state: _RunState, batches: TrainBatches) -> dict[str, Any]:
+    return new_payload(
+        step=state.step, model=model.state_dict(), model_config=dict(model.config),
+        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state(),
+        data=batches.state().to_dict(), vocabulary=vocabulary_record(vocab),
+        class_table_hash=vocab.content_hash(), train_config=config.to_record(),
+        best_miou=state.best_miou, last_eval=state.last_eval)
+
+
+def _eval_row(step: int, report: EvalReport) -> dict[str, Any]:
+    summary = report.summary()
+    return {"kind": "eval", "step": step, "val_miou": summary["miou"],
+            "val_pixel_accuracy": summary["pixel_accuracy"],
+            "val_mean_class_accuracy": summary["mean_class_accuracy"],
+            "val_fw_iou": summary["fw_iou"], "val_group_miou": summary["group_miou"],
+            "val_images": report.n_images, "val_bad_samples": report.n_bad_samples}
+
+
+def _is_due(step: int, every: int | None, last_step: int) -> bool:
+    return step == last_step or (every is not None and step % every == 0)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train (or, with ``config.resume``, continue training) and return the run's result."""
+    config.check()
+    device = resolve_device(config.device)
+    run_dir = Path(config.out)
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if not config.resume and (last_path.exists() or previous_path(last_path).exists()):
+        raise EmbsegError(f"{run_dir}: already holds a training run (last.pt); pass --resume to "
+                          f"continue it or choose another --out")
+    vocab = _load_vocabularies(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model, optimizer, scheduler = _build(config, vocab, device, resuming=config.resume)
+    state = _RunState()
+    if config.resume:
+        state = _resume(config, vocab, model, optimizer, scheduler, device)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+    metrics_log.truncate(state.step)
+
+    batches = train_loader(config.shards, num_classes=vocab.num_classes,
+                           batch_size=config.batch_size, crop_size=config.crop_size,
+                           seed=config.seed, num_workers=config.num_workers,
+                           shuffle_buffer=config.shuffle_buffer,
+                           on_bad_sample=config.on_bad_sample, state=state.loader_state,
+                           start_step=state.step, pin_memory=device.type == "cuda")
+    eval_every = config.eval_every if config.eval_every is not None else config.checkpoint_every
+    last_row: dict[str, Any] = {}
+    progress = tqdm(total=config.steps, initial=state.step, disable=config.no_progress,
+                    dynamic_ncols=True, desc="train")
+    model.train()
+    try:
+        while state.step < config.steps:
+            tick = time.perf_counter()
+            batch = next(batches)
+            images = batch.image.to(device, non_blocking=True)
+            target = batch.label.to(device, non_blocking=True)
+            lr = optimizer.param_groups[-1]["lr"]
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                                enabled=device.type == "cuda"):
+                output = model(images)
+            loss, parts = model.loss(output, target)
+            if not math.isfinite(parts["loss"]):
+                raise EmbsegError(f"{run_dir}: loss is {parts['loss']} at step {state.step + 1}; "
+                                  f"lower --lr or resume from {last_path}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            state.step += 1
+            images_per_second = len(batch.keys) / (time.perf_counter() - tick)
+            last_row = {"kind": "train", "step": state.step, **parts, "lr": lr,
+                        "images_per_second": round(images_per_second, 3),
+                        "bad_samples": batches.bad_samples}
+            metrics_log.append(last_row)
+            progress.update(1)
+            progress.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{lr:.2e}",
+                                 img_s=f"{images_per_second:.1f}")
+            if config.val_shards is not None and _is_due(state.step, eval_every, config.steps):
+                report = evaluate_model(model, config.val_shards, vocab=vocab, device=device,
+                                        batch_size=config.eval_batch_size,
+                                        num_workers=config.num_workers,
+                                        on_bad_sample=config.on_bad_sample)
+                state.last_eval = _eval_row(state.step, report)
+                metrics_log.append(state.last_eval)
+                improved = state.best_miou is None or report.miou > state.best_miou
+                if improved and not math.isnan(report.miou):
+                    state.best_miou = float(report.miou)
+                    save_checkpoint(_payload(config, vocab, model, optimizer, scheduler, state,
+                                             batches), best_path)
+                progress.write(f"step {state.step}: val mIoU {100 * report.miou:.2f} "
+                               f"(best {100 * (state.best_miou or 0):.2f})")
+            if _is_due(state.step, config.checkpoint_every, config.steps):
+                save_checkpoint(_payload(config, vocab, model, optimizer, scheduler, state,
+                                         batches), last_path, keep_previous=True)
+    finally:
+        progress.close()
+        batches.close()
+    if batches.bad_samples:
+        log.warning("%d bad samples were skipped (see metrics.jsonl)", batches.bad_samples)
+    final = {"loss": last_row.get("loss"), "bad_samples": batches.bad_samples,
+             "best_val_miou": state.best_miou,
+             "val_miou": (state.last_eval or {}).get("val_miou")}
+    return TrainResult(run_dir=run_dir, last_checkpoint=last_path,
+                       best_checkpoint=best_path if best_path.exists() else None,
+                       step=state.step, metrics=final)
+
+
+def cli_train(args: argparse.Namespace) -> int:
+    """``embseg train``: run training and print where the checkpoints and metrics are."""
+    config = TrainConfig.from_args(args)
+    print(f"training run in {config.out} (metrics: {Path(config.out) / 'metrics.jsonl'})",
+          flush=True)
+    result = train(config)
+    print(f"finished at step {result.step}: loss {result.metrics['loss']}, "
+          f"val mIoU {result.metrics['val_miou']}, bad samples skipped "
+          f"{result.metrics['bad_samples']}")
+    print(f"last checkpoint: {result.last_checkpoint}")
+    if result.best_checkpoint is not None:
+        print(f"best checkpoint: {result.best_checkpoint} (val mIoU {result.metrics['best_val_miou']})")
+    print(f"metrics: {result.run_dir / 'metrics.jsonl'}")
+    return 0
