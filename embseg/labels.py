@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,7 +205,9 @@ def _decode_with(api_to_mask, item: ImageItem, annotations: list[dict]) -> list[
     for ann in annotations:
         check_segmentation(ann, item.height, item.width)
         try:
-            mask = api_to_mask(ann)
+            with warnings.catch_warnings():  # pycocotools' numpy-2 __array__ DeprecationWarning
+                warnings.simplefilter("ignore", DeprecationWarning)
+                mask = api_to_mask(ann)
         except Exception as exc:  # pycocotools raises ValueError/TypeError for bad RLE strings
             raise ItemFailure(f"annotation {ann.get('id')}: cannot decode segmentation "
                               f"({type(exc).__name__}: {' '.join(str(exc).split())})") from exc

@@ -7,6 +7,7 @@ Vocabulary of these files: 1 cat, 2 table (LVIS + stuff 165), 3 dog, 4 towel (LV
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +110,9 @@ def write_annotations(path: Path, images: list[dict], annotations: list[dict],
 def polygon_mask(polygons: list[list[float]], height: int, width: int) -> np.ndarray:
     """The mask pycocotools rasterises for polygons (the expected mask of a polygon annotation)."""
     rles = mask_utils.frPyObjects([list(p) for p in polygons], height, width)
-    return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
+    with warnings.catch_warnings():  # pycocotools' numpy-2 __array__ DeprecationWarning
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
 
 
 def box_mask(height: int, width: int, top: int, left: int, bottom: int, right: int) -> np.ndarray:
