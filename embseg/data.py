@@ -162,7 +162,8 @@ def augment(image: np.ndarray, label: np.ndarray, *, crop_size: int,
     """The paper's training augmentation on an aligned image/label pair.
 
     Random scale in [0.5, 2.0] (bilinear image, nearest label, same pixel-centre mapping),
-    padding to at least ``crop_size`` (image with the mean colour, label with 0), a random
+    padding to at least ``crop_size`` (image with the mean colour, label with 0: the
+    caller normalises padding to exactly 0 and ignore), a random
     ``crop_size`` square crop and a horizontal flip with probability 0.5. Returns the image
     (uint8), the label (int32, class ids) and a validity mask (False on padding) so the caller
     can mark padding as ignore.
@@ -189,6 +190,18 @@ def augment(image: np.ndarray, label: np.ndarray, *, crop_size: int,
     if rng.random() < 0.5:
         image, label, valid = image[:, ::-1], label[:, ::-1], valid[:, ::-1]
     return np.ascontiguousarray(image), np.ascontiguousarray(label), np.ascontiguousarray(valid)
+
+
+def _augmented_tensors(image: np.ndarray, label: np.ndarray, *, crop_size: int,
+                       rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augmented, normalised image (3,S,S) and target (S,S); padding is 0 and ignore."""
+    image, label, valid = augment(image, label, crop_size=crop_size, rng=rng)
+    padding = torch.from_numpy(~valid)
+    tensor = normalize_image(image)
+    tensor[:, padding] = 0.0
+    target = label_to_target(label)
+    target[padding] = IGNORE_INDEX
+    return tensor, target
 
 
 def _decode_sample(sample: dict[str, Any], num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -236,6 +249,16 @@ def _member_key(member: str | None) -> str | None:
     return name.split(".", 1)[0] or None
 
 
+def _failed_key(member_key: str | None, seen: set[str], missing: list[str]) -> str | None:
+    """The key at which reading stopped: the manifest's first missing key when known, else the
+    key of the member being read (if its sample was not complete), else "after <last key>"."""
+    if missing:
+        return missing[0]
+    if member_key is not None and member_key not in seen:
+        return member_key
+    return f"after {member_key}" if member_key is not None else None
+
+
 def read_shard(shard: Path, expected_keys: list[str] | None = None) -> Iterator[dict | BadItem]:
     """Raw samples of one shard (dicts of bytes with ``__key__``), then BadItems for problems.
 
@@ -259,15 +282,27 @@ def read_shard(shard: Path, expected_keys: list[str] | None = None) -> Iterator[
                              workersplitter=None, empty_check=False, handler=record_error,
                              select_files=note_member)
     seen: set[str] = set()
+    held: dict | None = None  # each sample is held back until it is known to be complete
     for sample in dataset:
+        if held is not None:
+            yield held
+        held = sample
         seen.add(sample["__key__"])
-        yield sample
+    member_key = _member_key(last_member[0])
+    if errors and held is not None and held["__key__"] == member_key:
+        suffix = str(last_member[0]).rsplit("/", 1)[-1].split(".", 1)[-1].lower()
+        if suffix not in held:  # reading stopped inside this sample: it is incomplete
+            seen.discard(member_key)
+            held = None
+    if held is not None:
+        yield held
+    missing = [key for key in (expected_keys or []) if key not in seen]
     if errors:
         reason = str(errors[0].args[0]) if errors[0].args else type(errors[0]).__name__
         reason = reason.split(" @ ")[0]
-        yield BadItem(str(shard), _member_key(last_member[0]), f"unreadable tar ({reason})")
+        yield BadItem(str(shard), _failed_key(member_key, seen, missing),
+                      f"unreadable tar ({reason})")
         return
-    missing = [key for key in (expected_keys or []) if key not in seen]
     if missing:
         yield BadItem(str(shard), missing[0], f"truncated tar: {len(missing)} sample(s) of the "
                       f"manifest missing, from this key on")
@@ -317,10 +352,12 @@ class LoaderState:
 
 def _epoch_items(shards: list[Path], expected: dict[str, list[str]], *, stream: int,
                  num_streams: int, epoch: int, seed: int, shuffle_buffer: int,
-                 ) -> Iterator[dict | BadItem]:
+                 shuffle_shards: bool = True) -> Iterator[dict | BadItem]:
     """The items of one logical stream in one epoch, in their (seeded) training order."""
-    order = np.random.default_rng(_seed_sequence(seed, epoch, 0x5EED)).permutation(len(shards))
-    ordered = [shards[i] for i in order]
+    ordered = list(shards)
+    if shuffle_shards:
+        order = np.random.default_rng(_seed_sequence(seed, epoch, 0x5EED)).permutation(len(shards))
+        ordered = [shards[i] for i in order]
     by_shard = len(ordered) >= num_streams
     mine = ordered[stream::num_streams] if by_shard else ordered
 
@@ -420,10 +457,7 @@ class _TrainStreams(torch.utils.data.IterableDataset):
         image, label = _decode_sample(sample, self.spec.num_classes)
         rng = np.random.default_rng(_seed_sequence(self.spec.seed, epoch,
                                                    _key_number(sample["__key__"]), 0xA06))
-        image, label, valid = augment(image, label, crop_size=self.spec.crop_size, rng=rng)
-        target = label_to_target(label)
-        target[torch.from_numpy(~valid)] = IGNORE_INDEX
-        return normalize_image(image), target
+        return _augmented_tensors(image, label, crop_size=self.spec.crop_size, rng=rng)
 
 
 @dataclass
@@ -550,7 +584,8 @@ class _EvalStreams(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         stream = 0 if info is None else info.id
         items = _epoch_items(self.shards, self.expected, stream=stream,
-                             num_streams=self.num_streams, epoch=0, seed=0, shuffle_buffer=0)
+                             num_streams=self.num_streams, epoch=0, seed=0, shuffle_buffer=0,
+                             shuffle_shards=False)
         return self._batches(items)
 
     def _batches(self, items: Iterator[dict | BadItem]) -> Iterator[dict[str, Any]]:
@@ -698,8 +733,5 @@ class _LooseFiles(torch.utils.data.Dataset):
         sample = {"jpg": image_path.read_bytes(), "seg.png": label_path.read_bytes()}
         image, label = _decode_sample(sample, self.num_classes)
         rng = np.random.default_rng(index)
-        image, label, valid = augment(image, label, crop_size=self.crop_size, rng=rng)
-        target = label_to_target(label)
-        target[torch.from_numpy(~valid)] = IGNORE_INDEX
-        return normalize_image(image), target
+        return _augmented_tensors(image, label, crop_size=self.crop_size, rng=rng)
 
