@@ -67,7 +67,7 @@ def make_sample(key: int, image_bytes: bytes, label: np.ndarray) -> dict:
             "json": json.dumps(meta).encode()}
 
 
-def test_vocabulary(num_classes: int) -> Vocabulary:
+def make_vocabulary(num_classes: int) -> Vocabulary:
     """Classes ``class_1..class_C`` cycling LVIS rare / common / frequent and stuff."""
     frequencies = ["r", "c", "f", None]
     classes = []
@@ -83,9 +83,9 @@ def test_vocabulary(num_classes: int) -> Vocabulary:
 
 
 def write_classes(directory: Path, num_classes: int) -> Path:
-    """``DIR/classes.parquet`` of :func:`test_vocabulary`."""
+    """``DIR/classes.parquet`` of :func:`make_vocabulary`."""
     path = Path(directory) / "classes.parquet"
-    test_vocabulary(num_classes).write_parquet(path)
+    make_vocabulary(num_classes).write_parquet(path)
     return path
 
 
