@@ -1,0 +1,22 @@
+"""Prefect flows over the embseg library: thin orchestration, no second copy of its logic.
+
+Flows (their Prefect names): ``dataset-rebuild`` (flows/rebuild.py), ``train``
+(flows/train.py), ``evaluate`` (flows/evaluate.py), ``retrain`` (flows/retrain.py) and
+``pipeline`` (flows/pipeline.py, the main job: ``python -m flows.pipeline``). Deployments of
+all five are declared in prefect.yaml at the repository root.
+
+Importing the package switches telemetry off (Prefect, Ray) unless the user chose otherwise, so
+that every entry point (``python -m flows.pipeline``, a worker's flow-run process, tests)
+behaves the same.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _name, _value in (
+    ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+    ("DO_NOT_TRACK", "1"),
+    ("RAY_USAGE_STATS_ENABLED", "0"),
+):
+    os.environ.setdefault(_name, _value)
