@@ -1,0 +1,220 @@
+"""Training: the loss goes down, resume (also after SIGKILL) continues the same run,
+checkpoints are atomic / weights_only / tied to their vocabulary."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from shardutil import colour_sample, make_vocabulary, write_shards
+
+from embseg.checkpoint import (
+    FORMAT,
+    CheckpointFallbackWarning,
+    load_checkpoint,
+    previous_path,
+    save_checkpoint,
+)
+from embseg.errors import EmbsegError
+from embseg.train import TrainConfig, poly_factor, train
+
+C = 8
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train-shards")
+    write_shards(root / "train", [colour_sample(i, height=40, width=40, num_classes=C)
+                                  for i in range(24)], num_classes=C, shard_size=8)
+    write_shards(root / "val", [colour_sample(100 + i, height=40, width=40, num_classes=C)
+                                for i in range(4)], num_classes=C, split="val")
+    return root
+
+
+def _config(root: Path, out: Path, **overrides) -> TrainConfig:
+    settings = dict(shards=root / "train", val_shards=root / "val", out=out, steps=8,
+                    batch_size=4, crop_size=32, lr=0.05, num_workers=2, checkpoint_every=4,
+                    no_progress=True, seed=0)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def _rows(run: Path, kind: str) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if row["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def reference_run(shards, tmp_path_factory) -> Path:
+    """An uninterrupted 8-step run (checkpoints at 4 and 8, val eval at both)."""
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("runs") / "reference"
+    result = train(_config(shards, run))
+    assert result.step == 8 and result.last_checkpoint == run / "last.pt"
+    assert result.best_checkpoint == run / "best.pt"
+    return run
+
+
+@pytest.mark.parametrize(("head", "steps", "lr"), [("embedding", 12, 0.05), ("softmax", 20, 0.3)])
+def test_a_few_steps_lower_the_loss(shards, tmp_path, head, steps, lr):
+    result = train(_config(shards, tmp_path / head, head=head, steps=steps, val_shards=None,
+                           checkpoint_every=100, lr=lr))
+    losses = [row["loss"] for row in _rows(tmp_path / head, "train")]
+    assert len(losses) == steps and result.best_checkpoint is None
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+
+
+def test_metrics_rows_and_checkpoint_contents(reference_run):
+    train_rows = _rows(reference_run, "train")
+    assert [row["step"] for row in train_rows] == list(range(1, 9))
+    assert {"loss", "ess", "margin", "lr", "images_per_second", "bad_samples"} <= set(train_rows[0])
+    assert train_rows[0]["lr"] == pytest.approx(0.05)
+    assert train_rows[4]["lr"] == pytest.approx(0.05 * poly_factor(4, 8))
+    eval_rows = _rows(reference_run, "eval")
+    assert [row["step"] for row in eval_rows] == [4, 8]
+    assert 0.0 <= eval_rows[-1]["val_miou"] <= 1.0
+    # plain torch.load with weights_only=True: a checkpoint is data only
+    payload = torch.load(reference_run / "last.pt", weights_only=True)
+    assert payload["format"] == FORMAT and payload["step"] == 8
+    assert payload["class_table_hash"] == make_vocabulary(C).content_hash()
+    assert payload["vocabulary"]["names"] == [f"class_{i}" for i in range(1, C + 1)]
+    assert payload["model_config"]["num_classes"] == C
+    assert set(payload["rng"]) >= {"python", "numpy", "torch"}
+    assert payload["best_miou"] == pytest.approx(max(r["val_miou"] for r in eval_rows))
+    assert torch.load(previous_path(reference_run / "last.pt"), weights_only=True)["step"] == 4
+    best = torch.load(reference_run / "best.pt", weights_only=True)
+    assert best["step"] in (4, 8)
+
+
+def _resume_copy(reference_run: Path, target: Path, checkpoint: str) -> None:
+    """A run directory as a killed run would leave it: a checkpoint and the full metrics."""
+    target.mkdir()
+    shutil.copy(reference_run / checkpoint, target / "last.pt")
+    shutil.copy(reference_run / "metrics.jsonl", target / "metrics.jsonl")
+
+
+def test_resume_continues_the_same_run(shards, reference_run, tmp_path):
+    run = tmp_path / "resumed"
+    _resume_copy(reference_run, run, "last.prev.pt")  # the step-4 checkpoint
+    result = train(_config(shards, run, resume=True))
+    assert result.step == 8
+    got, want = _rows(run, "train"), _rows(reference_run, "train")
+    assert [row["step"] for row in got] == list(range(1, 9))  # metrics cut back, then redone
+    assert [row["loss"] for row in got] == pytest.approx([row["loss"] for row in want], rel=1e-5)
+    assert [r["val_miou"] for r in _rows(run, "eval")] == pytest.approx(
+        [r["val_miou"] for r in _rows(reference_run, "eval")], rel=1e-5)
+
+
+def test_truncated_checkpoint_falls_back_to_the_previous_one(shards, reference_run, tmp_path):
+    run = tmp_path / "truncated"
+    _resume_copy(reference_run, run, "last.pt")
+    shutil.copy(reference_run / "last.prev.pt", run / "last.prev.pt")
+    data = (run / "last.pt").read_bytes()
+    (run / "last.pt").write_bytes(data[: len(data) // 2])
+    with pytest.warns(CheckpointFallbackWarning, match="last.pt: does not load"):
+        payload = load_checkpoint(run / "last.pt")
+    assert payload["step"] == 4 and payload["path"].endswith("last.prev.pt")
+    with pytest.warns(CheckpointFallbackWarning):
+        result = train(_config(shards, run, resume=True))
+    assert result.step == 8
+    losses = [row["loss"] for row in _rows(run, "train")]
+    assert losses == pytest.approx([row["loss"] for row in _rows(reference_run, "train")],
+                                   rel=1e-5)
+    (run / "last.pt").write_bytes(b"")
+    (run / "last.prev.pt").write_bytes(b"garbage")
+    with pytest.raises(EmbsegError, match="last.pt: does not load.*last.prev.pt: does not load"):
+        load_checkpoint(run / "last.pt")
+
+
+def test_resume_checks_vocabulary_and_settings(shards, reference_run, tmp_path):
+    other = tmp_path / "other"
+    write_shards(other, [colour_sample(i, height=40, width=40, num_classes=C + 1)
+                         for i in range(4)], num_classes=C + 1)
+    run = tmp_path / "run"
+    _resume_copy(reference_run, run, "last.prev.pt")
+    with pytest.raises(EmbsegError) as error:
+        train(_config(shards, run, shards=other, val_shards=None, resume=True))
+    message = str(error.value)
+    assert make_vocabulary(C).content_hash() in message
+    assert make_vocabulary(C + 1).content_hash() in message and "last.pt" in message
+    with pytest.raises(EmbsegError, match=r"different settings: batch_size=2 \(checkpoint: 4\)"):
+        train(_config(shards, run, batch_size=2, resume=True))
+    with pytest.raises(EmbsegError, match="already holds a training run"):
+        train(_config(shards, run))
+
+
+def test_checkpoint_loading_is_weights_only(tmp_path):
+    class NotData:
+        def __reduce__(self):
+            return (os.system, ("echo should-not-run",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": FORMAT, "model": {}, "payload": NotData()}, path)
+    with pytest.raises(EmbsegError, match="evil.pt: does not load .*[Ww]eights only"):
+        load_checkpoint(path, fallback=False)
+    save_checkpoint({"format": "something else"}, tmp_path / "other.pt")
+    with pytest.raises(EmbsegError, match="not an embseg checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporary files
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
+def test_cuda_device_without_cuda_is_a_clear_error(shards, tmp_path):
+    with pytest.raises(EmbsegError, match="--device cuda: CUDA is not available"):
+        train(_config(shards, tmp_path / "cuda", device="cuda"))
+
+
+def _cli_train(shards: Path, run: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "embseg", "train", "--shards", str(shards / "train"),
+            "--val-shards", str(shards / "val"), "--out", str(run), "--steps", "14",
+            "--batch-size", "4", "--crop-size", "32", "--lr", "0.05", "--num-workers", "2",
+            "--checkpoint-every", "3", "--seed", "1", "--no-progress", *extra]
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(shards, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_cli_train(shards, killed), env=env, cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        metrics = killed / "metrics.jsonl"
+        steps = [json.loads(line).get("step", 0) for line in metrics.read_text().splitlines()
+                 if line.endswith("}")] if metrics.exists() else []
+        if steps and max(steps) >= 7:
+            break
+        assert process.poll() is None, process.stderr.read().decode()
+        time.sleep(0.01)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (killed / "last.pt").exists()
+    resumed = subprocess.run(_cli_train(shards, killed, "--resume"), env=env, cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "last checkpoint:" in resumed.stdout and "metrics.jsonl" in resumed.stdout
+
+    reference = tmp_path / "reference"
+    train(_config(shards, reference, steps=14, checkpoint_every=3, seed=1))
+    got, want = _rows(killed, "train"), _rows(reference, "train")
+    assert [row["step"] for row in got] == list(range(1, 15))
+    assert [row["loss"] for row in got] == pytest.approx([row["loss"] for row in want], rel=1e-4)
+    assert [row["val_miou"] for row in _rows(killed, "eval")] == pytest.approx(
+        [row["val_miou"] for row in _rows(reference, "eval")], rel=1e-4, abs=1e-6)
