@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--init-checkpoint", type=Path, default=None,
+                   help="start a new run from this checkpoint's weights (fine-tuning)")
     p.add_argument("--on-bad-sample", choices=["skip", "fail"], default="skip")
     p.add_argument("--no-progress", action="store_true")
     _command(p, "embseg.train:cli_train")

@@ -90,6 +90,7 @@ class TrainConfig:
     no_progress: bool = False
     shuffle_buffer: int = 256
     eval_batch_size: int = 4
+    init_checkpoint: Path | None = None  # fine-tuning: a new run starts from these weights
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainConfig:
@@ -209,6 +210,23 @@ def _check_resumable(config: TrainConfig, payload: dict[str, Any]) -> None:
                           + ", ".join(differing))
 
 
+def _init_from_checkpoint(config: TrainConfig, vocab: Vocabulary, model) -> None:
+    """Fine-tuning: load the weights of ``config.init_checkpoint`` into a run at step 0.
+
+    The checkpoint must share the run's class table and model settings; optimizer, schedule
+    and step start afresh (only a resume continues those).
+    """
+    payload = load_checkpoint(config.init_checkpoint, map_location="cpu",
+                              expected_hash=vocab.content_hash(),
+                              vocabulary_file=Path(config.shards) / "classes.parquet",
+                              fallback=False)
+    if dict(payload["model_config"]) != dict(model.config):
+        raise EmbsegError(f"{payload['path']}: model settings {payload['model_config']} differ "
+                          f"from this run's {dict(model.config)}: cannot initialise from it")
+    model.load_state_dict(payload["model"])
+    log.info("initialised from %s (step %s)", payload["path"], payload.get("step"))
+
+
 @dataclass
 class _RunState:
     step: int = 0
@@ -274,6 +292,8 @@ def train(config: TrainConfig) -> TrainResult:
     state = _RunState()
     if config.resume:
         state = _resume(config, vocab, model, optimizer, scheduler, device)
+    if config.init_checkpoint is not None and state.step == 0:
+        _init_from_checkpoint(config, vocab, model)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     metrics_log.truncate(state.step)
 
