@@ -106,3 +106,20 @@ def write_shards(directory: Path, samples: list[dict], *, num_classes: int, spli
     if manifest:
         pq.write_table(pa.Table.from_pylist(rows), directory / "manifest.parquet")
     return shards
+
+
+def make_checkpoint(path: Path, num_classes: int, *, head: str = "embedding",
+                    seed: int = 0) -> Path:
+    """A checkpoint of an untrained tiny model for :func:`make_vocabulary` (no training run)."""
+    import torch
+
+    from embseg.checkpoint import new_payload, save_checkpoint, vocabulary_record
+    from embseg.models import build_model
+
+    torch.manual_seed(seed)
+    vocab = make_vocabulary(num_classes)
+    model = build_model(backbone="tiny", head=head, num_classes=num_classes)
+    payload = new_payload(step=0, model=model.state_dict(), model_config=dict(model.config),
+                          vocabulary=vocabulary_record(vocab),
+                          class_table_hash=vocab.content_hash())
+    return save_checkpoint(payload, path)
