@@ -448,8 +448,10 @@ class _TrainStreams(torch.utils.data.IterableDataset):
                            "skipped": skipped}
                     images, targets, keys, skipped = [], [], [], []
             if good_in_epoch == 0:
-                yield {"error": f"no readable sample in the shards of loader stream {stream} "
-                                f"(epoch {epoch}); last problems: {'; '.join(skipped[-3:])}"}
+                problems = "; ".join(skipped[-3:]) or "none"
+                yield {"error": f"loader stream {stream} of {spec.num_streams} got no usable "
+                                f"sample in epoch {epoch} (all bad, or fewer samples than "
+                                f"--num-workers); last problems: {problems}"}
                 return
             epoch, skip = epoch + 1, 0
 

@@ -288,6 +288,8 @@ def train(config: TrainConfig) -> TrainResult:
                           f"continue it or choose another --out")
     vocab = _load_vocabularies(config)
     run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(".*.tmp-*"):  # temporary files of a killed run's writes
+        stale.unlink(missing_ok=True)
     model, optimizer, scheduler = _build(config, vocab, device, resuming=config.resume)
     state = _RunState()
     if config.resume:
@@ -357,6 +359,8 @@ def train(config: TrainConfig) -> TrainResult:
         batches.close()
     if batches.bad_samples:
         log.warning("%d bad samples were skipped (see metrics.jsonl)", batches.bad_samples)
+    if not last_row:  # resumed a finished run: report its last logged step
+        last_row = next((r for r in reversed(metrics_log.rows()) if r.get("kind") == "train"), {})
     final = {"loss": last_row.get("loss"), "bad_samples": batches.bad_samples,
              "best_val_miou": state.best_miou,
              "val_miou": (state.last_eval or {}).get("val_miou")}
