@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+from webdataset.tariterators import base_plus_ext
 
 from embseg.errors import EmbsegError
 
@@ -242,11 +243,12 @@ class BadItem:
         return f"shard {self.shard}, key {key}: {self.reason}"
 
 
-def _member_key(member: str | None) -> str | None:
+def _split_member(member: str | None) -> tuple[str | None, str | None]:
+    """(sample key, part suffix) of a tar member name, as WebDataset groups them."""
     if not member:
-        return None
-    name = member.rsplit("/", 1)[-1]
-    return name.split(".", 1)[0] or None
+        return None, None
+    key, suffix = base_plus_ext(member)
+    return key, suffix.lower() if suffix is not None else None
 
 
 def _failed_key(member_key: str | None, seen: set[str], missing: list[str]) -> str | None:
@@ -288,9 +290,8 @@ def read_shard(shard: Path, expected_keys: list[str] | None = None) -> Iterator[
             yield held
         held = sample
         seen.add(sample["__key__"])
-    member_key = _member_key(last_member[0])
+    member_key, suffix = _split_member(last_member[0])
     if errors and held is not None and held["__key__"] == member_key:
-        suffix = str(last_member[0]).rsplit("/", 1)[-1].split(".", 1)[-1].lower()
         if suffix not in held:  # reading stopped inside this sample: it is incomplete
             seen.discard(member_key)
             held = None
