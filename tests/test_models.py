@@ -1,0 +1,302 @@
+"""DeepLabV3+ models: shapes, heads, ASPP rates, dilation, torchvision-format weights, training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embseg import ess
+from embseg.errors import EmbsegError
+from embseg.models import SegmentationModel, build_model
+
+BACKBONES = ["tiny", "mobilenetv2", "resnet50", "resnet101"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_feature_strides_and_output_shapes(backbone, output_stride):
+    torch.manual_seed(0)
+    model = build_model(backbone=backbone, num_classes=11, embed_dim=8,
+                        output_stride=output_stride).eval()
+    images = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        features = model.backbone(images)
+        emb = model(images)
+    assert features["low"].shape[-2:] == (16, 24)
+    assert features["high"].shape[-2:] == (64 // output_stride, 96 // output_stride)
+    assert features["low"].shape[1] == model.backbone.low_channels
+    assert features["high"].shape[1] == model.backbone.high_channels
+    assert emb.shape == (1, 8, 64, 96)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(1, 64, 96))
+    prediction = model.predict(emb)
+    assert prediction.shape == (1, 64, 96) and prediction.dtype == torch.long
+    assert 0 <= int(prediction.min()) and int(prediction.max()) < 11
+
+
+def test_odd_input_size_comes_back_at_input_resolution():
+    model = build_model(num_classes=5).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 67, 45)).shape == (2, 32, 67, 45)
+
+
+def test_softmax_head_gives_class_logits_and_no_class_table():
+    model = build_model(num_classes=13, head="softmax").eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, 48, 40))
+    assert logits.shape == (2, 13, 48, 40)
+    assert model.class_embeddings is None
+    assert torch.equal(model.predict(logits), logits.argmax(dim=1))
+    with pytest.raises(ValueError):
+        model.normalized_class_embeddings()
+
+
+def test_class_table_is_uniform_in_unit_box_and_predict_uses_it_normalised():
+    torch.manual_seed(1)
+    model = build_model(num_classes=300, embed_dim=16).eval()
+    table = model.class_embeddings.detach()
+    assert table.shape == (300, 16)
+    assert float(table.min()) >= -1.0 and float(table.max()) <= 1.0
+    assert float(table.min()) < -0.9 and float(table.max()) > 0.9  # spread, not near zero
+    emb = F.normalize(torch.randn(2, 16, 5, 6), dim=1)
+    brute = torch.cdist(emb.permute(0, 2, 3, 1).reshape(-1, 16), F.normalize(table, dim=1))
+    assert torch.equal(model.predict(emb).reshape(-1), brute.argmin(dim=1))
+
+
+# --------------------------------------------------------------------------- architecture
+
+
+@pytest.mark.parametrize("output_stride,rates", [(16, (6, 12, 18)), (8, (12, 24, 36))])
+def test_aspp_branches_and_rates(output_stride, rates):
+    model = build_model(backbone="resnet50", num_classes=4, output_stride=output_stride)
+    aspp = model.decoder.aspp
+    assert len(aspp.convs) == 5
+    assert aspp.convs[0][0].kernel_size == (1, 1)
+    dilations = tuple(branch[0].dilation[0] for branch in list(aspp.convs)[1:4])
+    assert dilations == rates
+    assert all(branch[0].kernel_size == (3, 3) for branch in list(aspp.convs)[1:4])
+    assert isinstance(aspp.convs[4][0], nn.AdaptiveAvgPool2d)
+    assert all(branch[0].out_channels == 256 if not isinstance(branch[0], nn.AdaptiveAvgPool2d)
+               else branch[1].out_channels == 256 for branch in aspp.convs)
+    assert isinstance(aspp.project[-1], nn.Dropout)
+    assert model.decoder.low_level_proj[0].out_channels == 48
+    assert model.decoder.fuse[0].in_channels == 256 + 48
+    assert model.decoder.fuse[0].kernel_size == (3, 3) and model.decoder.fuse[3].out_channels == 256
+
+
+def resnet_conv2_dilations(model: SegmentationModel, layer: str) -> list[tuple[int, int]]:
+    return [(block.conv2.stride[0], block.conv2.dilation[0])
+            for block in getattr(model.backbone, layer)]
+
+
+def test_resnet_replaces_strides_with_dilation_like_torchvision():
+    os16 = build_model(backbone="resnet50", num_classes=3, output_stride=16)
+    assert resnet_conv2_dilations(os16, "layer3") == [(2, 1)] + [(1, 1)] * 5
+    assert resnet_conv2_dilations(os16, "layer4") == [(1, 1), (1, 2), (1, 2)]
+    os8 = build_model(backbone="resnet50", num_classes=3, output_stride=8)
+    assert resnet_conv2_dilations(os8, "layer3") == [(1, 1)] + [(1, 2)] * 5
+    assert resnet_conv2_dilations(os8, "layer4") == [(1, 2), (1, 4), (1, 4)]
+
+
+def test_torchvision_parameter_names_and_counts():
+    """Spot checks against torchvision's published layouts (fc / classifier excluded)."""
+    resnet50 = build_model(backbone="resnet50", num_classes=3).backbone.state_dict()
+    assert resnet50["conv1.weight"].shape == (64, 3, 7, 7)
+    assert resnet50["layer1.0.downsample.0.weight"].shape == (256, 64, 1, 1)
+    assert resnet50["layer3.5.bn2.running_var"].shape == (256,)
+    assert resnet50["layer4.2.conv3.weight"].shape == (2048, 512, 1, 1)
+    assert "layer1.0.bn1.num_batches_tracked" in resnet50
+    resnet101 = build_model(backbone="resnet101", num_classes=3).backbone
+    assert resnet101.state_dict()["layer3.22.conv2.weight"].shape == (256, 256, 3, 3)
+    mobilenet = build_model(backbone="mobilenetv2", num_classes=3).backbone.state_dict()
+    assert mobilenet["features.0.0.weight"].shape == (32, 3, 3, 3)
+    assert mobilenet["features.1.conv.0.0.weight"].shape == (32, 1, 3, 3)
+    assert mobilenet["features.1.conv.1.weight"].shape == (16, 32, 1, 1)
+    assert mobilenet["features.2.conv.1.0.weight"].shape == (96, 1, 3, 3)
+    assert mobilenet["features.2.conv.3.running_mean"].shape == (24,)
+    assert mobilenet["features.18.0.weight"].shape == (1280, 320, 1, 1)
+    # torchvision totals minus the classifier: 25,557,032 - 2,049,000; 44,549,160 - 2,049,000;
+    # 3,504,872 - 1,281,000
+    counts = {name: sum(p.numel() for p in build_model(backbone=name, num_classes=3)
+                        .backbone.parameters())
+              for name in ("resnet50", "resnet101", "mobilenetv2")}
+    assert counts == {"resnet50": 23_508_032, "resnet101": 42_500_160, "mobilenetv2": 2_223_872}
+
+
+def test_tiny_backbone_is_small():
+    backbone = build_model(num_classes=3).backbone
+    assert 100_000 < sum(p.numel() for p in backbone.parameters()) < 1_000_000
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def randomised_state_dict(module: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {key: (torch.randn(value.shape, generator=generator) if value.is_floating_point()
+                  else value.clone())
+            for key, value in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("backbone,head_keys", [
+    ("resnet50", {"fc.weight": (1000, 2048), "fc.bias": (1000,)}),
+    ("mobilenetv2", {"classifier.1.weight": (1000, 1280), "classifier.1.bias": (1000,)}),
+])
+def test_torchvision_format_state_dict_loads(tmp_path, backbone, head_keys):
+    source = build_model(backbone=backbone, num_classes=3).backbone
+    weights = randomised_state_dict(source, seed=5)
+    weights.update({key: torch.zeros(shape) for key, shape in head_keys.items()})
+    path = tmp_path / f"{backbone}.pth"
+    torch.save(weights, path)
+    model = build_model(backbone=backbone, num_classes=3, backbone_weights=path)
+    loaded = model.backbone.state_dict()
+    for key, value in loaded.items():
+        assert torch.equal(value, weights[key]), key
+    assert "backbone_weights" not in model.config
+    assert build_model(**model.config).config == model.config
+
+
+def test_weights_without_num_batches_tracked_load(tmp_path):
+    source = build_model(num_classes=3).backbone
+    weights = {key: value for key, value in randomised_state_dict(source, seed=6).items()
+               if not key.endswith("num_batches_tracked")}
+    torch.save(weights, tmp_path / "old.pt")
+    model = build_model(num_classes=3, backbone_weights=tmp_path / "old.pt")
+    assert torch.equal(model.backbone.stem[0][0].weight, weights["stem.0.0.weight"])
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda w: w.update({"layer9.0.conv1.weight": torch.zeros(1)}), "layer9.0.conv1.weight"),
+    (lambda w: w.pop("layer2.1.conv2.weight"), "layer2.1.conv2.weight"),
+    (lambda w: w.update({"conv1.weight": torch.zeros(64, 3, 3, 3)}), "conv1.weight"),
+])
+def test_mismatched_weights_name_the_file_and_the_key(tmp_path, change, message):
+    weights = randomised_state_dict(build_model(backbone="resnet50", num_classes=3).backbone, 7)
+    change(weights)
+    path = tmp_path / "bad.pth"
+    torch.save(weights, path)
+    with pytest.raises(EmbsegError) as caught:
+        build_model(backbone="resnet50", num_classes=3, backbone_weights=path)
+    text = str(caught.value)
+    assert str(path) in text and message in text and "\n" not in text
+
+
+def test_unreadable_or_unsafe_weight_files_are_clear_errors(tmp_path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(EmbsegError, match="garbage.pth"):
+        build_model(num_classes=3, backbone_weights=garbage)
+    with pytest.raises(EmbsegError, match="missing.pth"):
+        build_model(num_classes=3, backbone_weights=tmp_path / "missing.pth")
+    unsafe = tmp_path / "unsafe.pth"
+    torch.save({"conv": nn.Conv2d(1, 1, 1)}, unsafe)  # a pickled module, not plain tensors
+    with pytest.raises(EmbsegError, match="unsafe.pth"):
+        build_model(num_classes=3, backbone_weights=unsafe)
+
+
+# --------------------------------------------------------------------------- config, groups
+
+
+def test_config_rebuilds_the_same_model():
+    model = build_model(backbone="tiny", head="embedding", num_classes=21, embed_dim=12,
+                        output_stride=8, k=5, temperature=10.0, margin=0.3)
+    assert model.config == {"backbone": "tiny", "head": "embedding", "num_classes": 21,
+                            "embed_dim": 12, "output_stride": 8, "k": 5, "temperature": 10.0,
+                            "margin": 0.3}
+    rebuilt = build_model(**model.config)
+    rebuilt.load_state_dict(model.state_dict())  # same architecture, strict
+    assert (model.head_type, model.num_classes) == ("embedding", 21)
+
+
+@pytest.mark.parametrize("bad", [{"num_classes": 0}, {"head": "sigmoid"}, {"k": 0},
+                                 {"backbone": "vgg16"}, {"output_stride": 32},
+                                 {"temperature": 0.0}, {"embed_dim": 0}])
+def test_invalid_settings_are_named(bad):
+    arguments = {"num_classes": 5, **bad}
+    with pytest.raises(EmbsegError, match=next(iter(bad))):
+        build_model(**arguments)
+
+
+def test_param_groups_split_backbone_and_head():
+    model = build_model(num_classes=7)
+    groups = model.param_groups(0.02)
+    assert [group["lr"] for group in groups] == pytest.approx([0.002, 0.02])
+    grouped = [id(p) for group in groups for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each exactly once
+    backbone_ids = {id(p) for p in model.backbone.parameters()}
+    assert {id(p) for p in groups[0]["params"]} == backbone_ids
+    assert id(model.class_embeddings) in {id(p) for p in groups[1]["params"]}
+    torch.optim.SGD(groups, lr=0.02, momentum=0.9, weight_decay=1e-4)  # accepted as is
+
+
+# --------------------------------------------------------------------------- loss, training
+
+
+def test_loss_is_ess_plus_margin_with_the_model_settings():
+    torch.manual_seed(2)
+    model = build_model(num_classes=9, embed_dim=8, k=3, temperature=12.0, margin=0.4)
+    emb = F.normalize(torch.randn(2, 8, 6, 5), dim=1)
+    target = torch.randint(-1, 9, (2, 6, 5))
+    total, parts = model.loss(emb, target)
+    table = F.normalize(model.class_embeddings, dim=1)
+    expected_ess = ess.ess_loss(emb, target, table, k=3, temperature=12.0)
+    expected_margin = ess.margin_penalty(table, 0.4)
+    torch.testing.assert_close(total, expected_ess + expected_margin)
+    assert parts["ess"] == pytest.approx(float(expected_ess.detach()))
+    assert parts["margin"] == pytest.approx(float(expected_margin.detach()))
+    assert parts["loss"] == pytest.approx(float(total.detach()))
+    total.backward()
+    assert model.class_embeddings.grad is not None
+
+
+def test_softmax_loss_is_cross_entropy_with_ignore():
+    model = build_model(num_classes=6, head="softmax")
+    logits = torch.randn(2, 6, 4, 4)
+    target = torch.randint(-1, 6, (2, 4, 4))
+    total, parts = model.loss(logits, target)
+    torch.testing.assert_close(total, F.cross_entropy(logits, target, ignore_index=-1))
+    assert parts["loss"] == pytest.approx(float(total.detach()))
+    empty, _ = model.loss(logits.requires_grad_(), torch.full((2, 4, 4), -1))
+    assert float(empty.detach()) == 0.0
+    empty.backward()
+    assert (logits.grad == 0).all()
+
+
+def toy_batch(num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four 48x48 images of coloured vertical stripes; each colour is one class."""
+    generator = torch.Generator().manual_seed(3)
+    palette = torch.rand(num_classes, 3, generator=generator) * 2 - 1
+    stripes = torch.randint(0, num_classes, (4, 6), generator=generator)
+    target = stripes.repeat_interleave(8, dim=1)[:, None, :].expand(4, 48, 48).contiguous()
+    images = palette[target].permute(0, 3, 1, 2).contiguous()
+    images = images + 0.05 * torch.randn(images.shape, generator=generator)
+    target[:, :4, :] = -1  # an unlabelled band
+    return images, target
+
+
+@pytest.mark.parametrize("head", ["embedding", "softmax"])
+def test_a_few_sgd_steps_lower_the_loss(head):
+    torch.manual_seed(4)
+    model = build_model(num_classes=10, head=head)
+    images, target = toy_batch(10)
+    optimizer = torch.optim.SGD(model.param_groups(0.05), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(15):
+        total, parts = model.loss(model(images), target)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        losses.append(parts["loss"])
+    assert losses[-1] < 0.7 * losses[0], losses
