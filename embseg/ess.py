@@ -3,9 +3,9 @@
 Public API (tools outside the project call these; names and meanings are fixed):
 
 - :func:`knn_classes` -- exact k nearest class embeddings of each pixel embedding;
-- :func:`ess_loss` -- the kNN-approximated cross-entropy (paper eq. 3-4);
-- :func:`margin_penalty` -- the class-separation regulariser (paper eq. 5);
-- :func:`predict` -- the nearest class of each pixel (paper eq. 2).
+- :func:`ess_loss` -- the kNN-approximated cross-entropy;
+- :func:`margin_penalty` -- the regulariser keeping class embeddings apart;
+- :func:`predict` -- the nearest class of each pixel (the embedding head's decision rule).
 
 Pixel embeddings and class embeddings arrive already L2-normalised; targets are class
 indices ``0..C-1`` with ``ignore_index`` (default -1) for unlabelled pixels.
@@ -191,7 +191,7 @@ def candidate_classes(emb: Tensor, target: Tensor, class_emb: Tensor, k: int, *,
 
 def candidate_logits(emb: Tensor, class_emb: Tensor, candidates: Tensor, temperature: float
                      ) -> Tensor:
-    """Paper eq. 3: logits ``-temperature * ||e - c_j||_2`` over each pixel's candidates.
+    """Logits ``-temperature * ||e - c_j||_2`` over each pixel's candidates.
 
     (M, k+1), differentiable w.r.t. both ``emb`` and the gathered rows of ``class_emb``.
     """
@@ -202,7 +202,8 @@ def candidate_logits(emb: Tensor, class_emb: Tensor, candidates: Tensor, tempera
 
 def ess_loss(emb: Tensor, target: Tensor, class_emb: Tensor, *, k: int, temperature: float,
              ignore_index: int = -1, budget: int = DISTANCE_BLOCK_ELEMENTS) -> Tensor:
-    """Paper eq. 4: cross-entropy over the target and its k nearest other classes.
+    """Cross-entropy over the target and its k nearest other classes (the kNN-approximated
+    class probability of the paper).
 
     Args:
         emb: (B, d, H, W) L2-normalised pixel embeddings.
@@ -231,7 +232,7 @@ def ess_loss(emb: Tensor, target: Tensor, class_emb: Tensor, *, k: int, temperat
 
 def margin_penalty(class_emb: Tensor, margin: float = 0.2, *,
                    budget: int = DISTANCE_BLOCK_ELEMENTS) -> Tensor:
-    """Paper eq. 5: mean over classes of ``max(0, margin - distance to the nearest other class)``.
+    """Mean over classes of ``max(0, margin - distance to the nearest other class)``.
 
     Pushes class embeddings at least ``margin`` apart. The nearest other class is found in
     chunks without gradient (no C x C matrix); its distance is then recomputed with
@@ -247,7 +248,7 @@ def margin_penalty(class_emb: Tensor, margin: float = 0.2, *,
 
 
 def predict(emb: Tensor, class_emb: Tensor, *, budget: int = DISTANCE_BLOCK_ELEMENTS) -> Tensor:
-    """Paper eq. 2: the nearest class of each pixel, (B, d, H, W) -> (B, H, W) in ``0..C-1``."""
+    """The nearest class of each pixel, (B, d, H, W) -> (B, H, W) in ``0..C-1``."""
     if emb.dim() != 4:
         raise ValueError(f"predict needs emb (B,d,H,W), got {tuple(emb.shape)}")
     batch, dim, height, width = emb.shape

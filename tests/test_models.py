@@ -300,3 +300,14 @@ def test_a_few_sgd_steps_lower_the_loss(head):
         optimizer.step()
         losses.append(parts["loss"])
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_single_image_training_batch_works_and_keeps_pooling_statistics():
+    model = build_model(num_classes=4).train()
+    pooling_norm = model.decoder.aspp.convs[4][2]
+    before = pooling_norm.running_mean.clone()
+    output = model(torch.randn(1, 3, 64, 64))
+    model.loss(output, torch.randint(0, 4, (1, 64, 64)))[0].backward()
+    assert torch.equal(pooling_norm.running_mean, before)
+    model(torch.randn(2, 3, 64, 64))
+    assert not torch.equal(pooling_norm.running_mean, before)  # batches of 2+ use BN as usual

@@ -36,7 +36,13 @@ class ASPPConv(nn.Sequential):
 
 
 class ASPPPooling(nn.Sequential):
-    """Image-level branch: global average pool, 1x1 conv + BN + ReLU, broadcast back."""
+    """Image-level branch: global average pool, 1x1 conv + BN + ReLU, broadcast back.
+
+    Its BN sees one value per channel and image, so a training batch of one image has no
+    batch statistics (torchvision's version raises there). Such a batch (the last, partial
+    batch of a stream; batch size 1 for a big backbone on a small GPU) is normalised with
+    the running statistics instead, which it leaves unchanged.
+    """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(
@@ -47,9 +53,14 @@ class ASPPPooling(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         size = x.shape[-2:]
-        for module in self:
-            x = module(x)
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        pool, conv, norm, relu = self
+        pooled = conv(pool(x))
+        if self.training and pooled.shape[0] == 1:
+            pooled = F.batch_norm(pooled, norm.running_mean, norm.running_var, norm.weight,
+                                  norm.bias, training=False, eps=norm.eps)
+        else:
+            pooled = norm(pooled)
+        return F.interpolate(relu(pooled), size=size, mode="bilinear", align_corners=False)
 
 
 class ASPP(nn.Module):
