@@ -20,6 +20,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ from embseg.errors import EmbsegError
 REAPER_POLL_SECONDS = 0.25
 REAPER_GRACE_SECONDS = 3.0
 TASK_MAX_RETRIES = 2
+CONNECT_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -77,12 +79,27 @@ def _init_ray(ray: Any, *, workers: int | None, ray_address: str | None) -> None
     if ray_address is None:
         ray.init(num_cpus=workers or os.cpu_count() or 1, **common)
         return
+    _check_reachable(ray_address)
     try:
         ray.init(address=ray_address, **common)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
         raise EmbsegError(f"cannot connect to the Ray cluster at {ray_address!r}: "
                           f"{message}") from None
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast on a ``host:port`` nobody listens on (``ray.init`` would retry for minutes)."""
+    target = address.split("://", 1)[-1]
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return  # "auto", "local", ...: Ray resolves these itself, quickly
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise EmbsegError(f"cannot reach the Ray cluster at {address!r}: {reason}") from None
 
 
 def _cluster_cpus(ray: Any) -> int:

@@ -313,3 +313,27 @@ def test_fatal_bad_input_exit_2_with_one_line(synth, tmp_path, capsys):
     assert main(_args(synth, out, "--split", "../evil")) == 2
     assert "--split" in _one_error_line(capsys)
     assert not out.exists() or not list(out.glob("*.tar"))  # nothing written for fatal input
+
+
+def test_ray_address_joins_an_existing_cluster(synth, built, ray_local, tmp_path):
+    """A subprocess builds on the test session's Ray via --ray-address and leaves it running."""
+    out, _ = built
+    address = ray_local.get_runtime_context().gcs_address
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    argv = [sys.executable, "-m", "embseg", *_args(synth, tmp_path / "cluster", "--ray-address",
+                                                   address)]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert _shard_bytes(tmp_path / "cluster") == _shard_bytes(out)
+    assert ray_local.is_initialized()
+    assert ray_local.get(ray_local.remote(lambda: 7).remote()) == 7
+
+
+def test_unreachable_ray_address_is_one_line_exit_2(synth, tmp_path):
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    argv = [sys.executable, "-m", "embseg", *_args(synth, tmp_path / "x", "--ray-address",
+                                                   "127.0.0.1:9")]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "127.0.0.1:9" in lines[0] and lines[0].startswith("embseg: error:")
