@@ -320,10 +320,20 @@ def _build_shards(plan: BuildPlan, todo: list[PlannedShard], records: dict[int, 
     received = dict.fromkeys(waiting, 0)
     order = [shard.index for shard in todo]
     next_position = 0
-    jobs = _chunks(plan, todo, cpus)
+    chunk_items: dict[tuple[int, int], list[ImageItem]] = {}
+
+    def jobs() -> Iterator[tuple[tuple[int, int], tuple]]:
+        for key, args in _chunks(plan, todo, cpus):
+            chunk_items[key] = args[0]
+            yield key, args
+
     kwargs = {"images_root": plan.images_root, "overlap": plan.overlap}
-    for (shard_index, start), chunk in map_unordered(process_chunk, jobs,
-                                                     max_in_flight=2 * cpus, kwargs=kwargs):
+    for (shard_index, start), chunk in map_unordered(process_chunk, jobs(), kwargs=kwargs,
+                                                     max_in_flight=2 * cpus,
+                                                     return_exceptions=True):
+        items = chunk_items.pop((shard_index, start))
+        if isinstance(chunk, BaseException):
+            chunk = _isolate_crash(items, kwargs)
         results[shard_index][start] = chunk
         received[shard_index] += len(chunk)
         bar.update(len(chunk))
@@ -335,6 +345,24 @@ def _build_shards(plan: BuildPlan, todo: list[PlannedShard], records: dict[int, 
             records[shard.index] = _write_shard(plan, shard, ordered)
             del results[shard.index]
             next_position += 1
+
+
+def _isolate_crash(items: list[ImageItem], kwargs: dict) -> list[ImageResult]:
+    """A chunk whose worker died (even after retries): rerun its images one per task, so only
+    the image that kills a worker (a decoder crash, memory) is recorded as failed."""
+    singles = map_unordered(process_chunk, ((i, ([item],)) for i, item in enumerate(items)),
+                            kwargs=kwargs, max_in_flight=len(items), return_exceptions=True)
+    by_position: dict[int, ImageResult] = {}
+    for position, value in singles:
+        if isinstance(value, BaseException):
+            item = items[position]
+            reason = " ".join(str(value).split())[:300] or type(value).__name__
+            by_position[position] = ImageResult(
+                image_id=item.image_id, key=item.key, status="failed",
+                reason=f"processing crashed its worker ({type(value).__name__}: {reason})")
+        else:
+            by_position[position] = value[0]
+    return [by_position[i] for i in range(len(items))]
 
 
 # --------------------------------------------------------------------------- shard files

@@ -112,13 +112,15 @@ def map_unordered(
     *,
     max_in_flight: int,
     kwargs: dict | None = None,
+    return_exceptions: bool = False,
 ) -> Iterator[tuple[Hashable, Any]]:
     """Run ``func(*args, **kwargs)`` as a Ray task per ``(key, args)``; yield ``(key, result)``.
 
     ``func`` must be a module-level function (workers import it by name and run plain embseg
     code). Jobs are submitted in order, at most ``max_in_flight`` at a time, so the results
     held by the caller stay bounded; results come back in completion order. Needs an
-    initialised Ray (see :func:`ray_runtime`). A task whose worker dies is retried.
+    initialised Ray (see :func:`ray_runtime`). A task whose worker dies is retried; if it
+    still fails, its Ray error is raised, or yielded as the result with ``return_exceptions``.
     """
     import ray
 
@@ -140,7 +142,13 @@ def map_unordered(
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             key = pending.pop(ref)
-            yield key, ray.get(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                if not return_exceptions:
+                    raise
+                result = exc
+            yield key, result
 
 
 def _import_modules(modules: tuple[str, ...], hold_seconds: float) -> int:

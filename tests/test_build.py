@@ -337,3 +337,24 @@ def test_unreachable_ray_address_is_one_line_exit_2(synth, tmp_path):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "127.0.0.1:9" in lines[0] and lines[0].startswith("embseg: error:")
+
+
+def _square(n: int) -> int:
+    return n * n
+
+
+def _kill_own_worker(code: int) -> None:
+    os._exit(code)
+
+
+def test_map_unordered_yields_results_and_dead_workers(ray_local):
+    """Real Ray tasks; a task that kills its worker (even after Ray's retries) comes back as
+    an error value with ``return_exceptions`` instead of stopping the whole map."""
+    from embseg.raywork import map_unordered
+
+    ray_local.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    squares = dict(map_unordered(_square, ((n, (n,)) for n in range(12)), max_in_flight=3))
+    assert squares == {n: n * n for n in range(12)}
+    jobs = [("dies", (3,))]
+    crashed = dict(map_unordered(_kill_own_worker, jobs, max_in_flight=1, return_exceptions=True))
+    assert isinstance(crashed["dies"], ray_local.exceptions.RayError)
