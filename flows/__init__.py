@@ -7,7 +7,9 @@ all five are declared in prefect.yaml at the repository root.
 
 Importing the package switches telemetry off (Prefect, Ray) unless the user chose otherwise, so
 that every entry point (``python -m flows.pipeline``, a worker's flow-run process, tests)
-behaves the same.
+behaves the same; it also gives Prefect's temporary local API more time to start on a busy
+2-core machine (the default 20 s is not always enough) and forwards embseg's own log records
+(e.g. the trainer's) to Prefect's run logs.
 """
 
 from __future__ import annotations
@@ -18,5 +20,7 @@ for _name, _value in (
     ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
     ("DO_NOT_TRACK", "1"),
     ("RAY_USAGE_STATS_ENABLED", "0"),
+    ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"),
+    ("PREFECT_LOGGING_EXTRA_LOGGERS", "embseg"),
 ):
     os.environ.setdefault(_name, _value)

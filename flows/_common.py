@@ -1,11 +1,14 @@
-"""Small helpers shared by the flows: markdown tables, retry conditions, run names.
+"""Small helpers shared by the flows: markdown tables, retry conditions, run names, and a
+guard that keeps forked children (DataLoader workers) of a flow process exiting cleanly.
 
-Nothing here knows about segmentation; it only shapes what the flows report.
+Nothing here knows about segmentation.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,3 +52,40 @@ def flow_run_label(default: str = "local") -> str:
     from prefect.runtime import flow_run
 
     return flow_run.get_name() or default
+
+
+def _drop_prefect_service_atexits() -> None:
+    """In a forked child: forget the parent's Prefect services' thread-exit hooks.
+
+    Prefect 3.8 resets its background services in a forked child (their event is set to
+    None) but leaves each service's ``threading._register_atexit`` hook in place; when the
+    child exits through multiprocessing, that hook fails an assertion inside
+    ``threading._shutdown`` and the child exits with code 1. PyTorch DataLoader workers are
+    such children (``embseg.data`` forks them), so without this every train/evaluate stage
+    with ``num_workers > 0`` fails inside a flow ("DataLoader worker exited unexpectedly").
+    The child never uses the parent's services, so dropping their hooks loses nothing.
+    """
+    from prefect._internal.concurrency.services import _QueueServiceBase
+
+    hooks = getattr(threading, "_threading_atexits", None)
+    if hooks is None:
+        return
+    hooks[:] = [hook for hook in hooks if not _is_service_exit_hook(hook, _QueueServiceBase)]
+
+
+def _is_service_exit_hook(hook: Any, service_class: type) -> bool:
+    """True for a ``functools.partial`` wrapping a Prefect service's bound ``_at_exit``."""
+    method = getattr(hook, "func", hook)
+    return getattr(method, "__func__", None) is service_class._at_exit
+
+
+def install_fork_guard() -> None:
+    """Register :func:`_drop_prefect_service_atexits` to run in every forked child (once)."""
+    global _FORK_GUARD_INSTALLED
+    if not _FORK_GUARD_INSTALLED and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_drop_prefect_service_atexits)
+        _FORK_GUARD_INSTALLED = True
+
+
+_FORK_GUARD_INSTALLED = False
+install_fork_guard()

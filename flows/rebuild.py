@@ -32,6 +32,7 @@ from embseg.build import (
     plan_build,
 )
 from embseg.errors import EmbsegError
+from embseg.raywork import ray_runtime
 from embseg.vocab import Vocabulary, build_vocabulary, summary_line
 from flows._common import markdown_table, retry_unless_bad_input
 
@@ -69,12 +70,23 @@ def plan_task(source: SplitSource, *, images: Path, out: Path, shard_size: int,
 
 @task(name="build-shards", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
       retry_condition_fn=retry_unless_bad_input)
-def build_shards_task(plan: BuildPlan, *, workers: int | None,
-                      ray_address: str | None) -> BuildReport:
-    """Paint the label maps and write the shards on Ray (finished shards of a retry are reused)."""
-    report = execute_plan(plan, workers=workers, ray_address=ray_address, progress=False)
-    get_run_logger().info(report.summary())
-    return report
+def build_shards_task(plans: list[BuildPlan], *, workers: int | None,
+                      ray_address: str | None) -> dict[str, BuildReport]:
+    """Paint the label maps and write the shards of every plan on one Ray session.
+
+    Ray is started (or joined) once for all splits; a retry starts it afresh and reuses the
+    shards that were finished before the failure.
+    """
+    logger = get_run_logger()
+    reports: dict[str, BuildReport] = {}
+    with ray_runtime(workers=workers, ray_address=ray_address) as runtime:
+        logger.info("Ray: %d CPUs (%s)", runtime.cpus,
+                    runtime.address or ("local" if runtime.started_here else "already running"))
+        for plan in plans:
+            reports[plan.split] = execute_plan(plan, workers=workers, ray_address=ray_address,
+                                               progress=False)
+            logger.info(reports[plan.split].summary())
+    return reports
 
 
 @task(name="manifest-report", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
@@ -205,23 +217,26 @@ def dataset_rebuild(
     if len(set(names)) != len(names):
         raise EmbsegError(f"dataset-rebuild: split names repeat: {names}")
     vocab = vocabulary_task(splits[0])
-    results: dict[str, dict[str, Any]] = {}
+    outs = {source.split: Path(out) / source.split for source in splits}
+    plans: dict[str, BuildPlan] = {}
     for source in splits:
-        split_out = Path(out) / source.split
-        plan = plan_task(source, images=Path(images), out=split_out, shard_size=shard_size,
-                         overlap=overlap)
-        _check_same_vocabulary(plan, vocab, splits[0])
-        if _up_to_date(plan, split_out, force=force):
-            print(f"{source.split}: up to date (input hash {plan.input_hash[:16]}), not rebuilt")
-            results[source.split] = manifest_report_task(
-                split_out, source.split, status="up to date", input_hash=plan.input_hash,
-                report=None)
-            continue
-        report = build_shards_task(plan, workers=workers, ray_address=ray_address)
-        results[source.split] = manifest_report_task(
-            split_out, source.split, status="rebuilt", input_hash=plan.input_hash, report=report)
-        print(report.summary())
-        if report.n_failed and not allow_failures:
-            raise ImageFailuresError(report)
+        plans[source.split] = plan_task(source, images=Path(images), out=outs[source.split],
+                                        shard_size=shard_size, overlap=overlap)
+        _check_same_vocabulary(plans[source.split], vocab, splits[0])
+    stale = [plan for plan in plans.values() if not _up_to_date(plan, plan.out, force=force)]
+    for name in sorted(plans.keys() - {plan.split for plan in stale}):
+        print(f"{name}: up to date (input hash {plans[name].input_hash[:16]}), not rebuilt")
+    reports = build_shards_task(stale, workers=workers, ray_address=ray_address) if stale else {}
+    results: dict[str, dict[str, Any]] = {}
+    for name, plan in plans.items():
+        report = reports.get(name)
+        results[name] = manifest_report_task(
+            plan.out, name, status="rebuilt" if report else "up to date",
+            input_hash=plan.input_hash, report=report)
+        if report is not None:
+            print(report.summary())
+    failed = [report for report in reports.values() if report.n_failed]
+    if failed and not allow_failures:
+        raise ImageFailuresError(failed[0])
     return results
 

@@ -1,0 +1,227 @@
+"""``pipeline``, the main job: data -> shards -> training -> evaluation -> predictions.
+
+1. ``synthetic-data``: without annotation files, the built-in synthetic dataset
+   (``embseg.synth.generate_synthetic``; reused when already generated with the same settings);
+2. ``dataset-rebuild`` of the train and val splits (skipped when up to date);
+3. ``train`` into ``<runs>/pipeline-<flow run name>``;
+4. ``evaluate`` on the val shards (the mIoU table artifact);
+5. ``predict`` a few val images (label maps, colour pictures, overlays, legends).
+
+The parameter defaults are the demo configuration: ``python -m flows.pipeline`` (``make demo``)
+runs it in-process on Prefect's local ephemeral API, local Ray, synthetic data and the CPU,
+and prints the mIoU table and where everything is. The ``pipeline/demo`` deployment runs the
+same configuration on a worker.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from embseg.errors import EmbsegError
+from embseg.predict import predict_images
+from embseg.synth import SynthDataset, generate_synthetic
+from flows._common import flow_run_label
+from flows.evaluate import evaluate_flow
+from flows.rebuild import SplitSource, dataset_rebuild
+from flows.train import train_flow
+
+SYNTHETIC_STAMP = "pipeline-synthetic.json"
+ARTIFACT_KEYS = ("pipeline-summary", "dataset-train", "dataset-val", "train-report",
+                 "evaluation-report")
+
+
+@task(name="synthetic-data", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def synthetic_data_task(out: Path, *, images: int, val_images: int, lvis_classes: int,
+                        size: int, seed: int, categories: Path | None) -> SynthDataset:
+    """The synthetic dataset in ``out``: generated, or reused when its settings are unchanged.
+
+    Regenerating would rewrite identical bytes with new modification times and so force a
+    needless shard rebuild; the stamp file records the settings and the generated paths.
+    """
+    settings = {"images": images, "val_images": val_images, "lvis_classes": lvis_classes,
+                "size": size, "seed": seed, "categories": str(categories) if categories else None}
+    stamp = Path(out) / SYNTHETIC_STAMP
+    reused = _reusable_synthetic(stamp, settings)
+    logger = get_run_logger()
+    if reused is not None:
+        logger.info("synthetic dataset in %s is up to date: reused", out)
+        return reused
+    dataset = generate_synthetic(Path(out), images=images, val_images=val_images,
+                                 lvis_classes=lvis_classes, seed=seed, categories=categories,
+                                 size=size)
+    paths = {name: str(path) for name, path in asdict(dataset).items()}
+    stamp.write_text(json.dumps({"settings": settings, "paths": paths}, indent=2) + "\n")
+    logger.info("synthetic dataset written to %s: %d train + %d val images", out, images,
+                val_images)
+    return dataset
+
+
+def _reusable_synthetic(stamp: Path, settings: dict[str, Any]) -> SynthDataset | None:
+    try:
+        recorded = json.loads(stamp.read_text())
+        dataset = SynthDataset(**{name: Path(path) for name, path in recorded["paths"].items()})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if recorded.get("settings") != settings:
+        return None
+    if not all(Path(path).exists() for path in asdict(dataset).values()):
+        return None
+    return dataset
+
+
+@task(name="predict", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def predict_task(checkpoint: Path, val_shards: Path, images_root: Path, out: Path, *,
+                 count: int, device: str) -> list[dict[str, Any]]:
+    """Segment the first ``count`` val images that built fine; write the pictures to ``out``."""
+    table = pq.read_table(Path(val_shards) / "manifest.parquet", columns=["key", "status",
+                                                                          "rel_path"])
+    rows = sorted((r for r in table.to_pylist() if r["status"] == "ok"), key=lambda r: r["key"])
+    paths = [Path(images_root) / row["rel_path"] for row in rows[:count]]
+    if not paths:
+        get_run_logger().warning("no val image to predict on")
+        return []
+    return predict_images(checkpoint, paths, out, device=device)
+
+
+def _data_sources(*, lvis_train: Path | None, coco_stuff_train: list[Path] | None,
+                  lvis_val: Path | None, coco_stuff_val: list[Path] | None,
+                  images: Path | None) -> tuple[list[SplitSource], Path] | None:
+    """The user's train/val files and images root, or None to use the synthetic dataset."""
+    given = [lvis_train, lvis_val, images]
+    if all(value is None for value in given) and not coco_stuff_train and not coco_stuff_val:
+        return None
+    if any(value is None for value in given):
+        raise EmbsegError("pipeline: with real data give lvis_train, lvis_val and images "
+                          "(and coco_stuff_train / coco_stuff_val), or none of them for the "
+                          "synthetic dataset")
+    return ([SplitSource(split="train", lvis=lvis_train, coco_stuff=coco_stuff_train or []),
+             SplitSource(split="val", lvis=lvis_val, coco_stuff=coco_stuff_val or [])], images)
+
+
+def summary_markdown(result: dict[str, Any]) -> str:
+    """The pipeline artifact (and the demo's closing printout): results and where they are."""
+    lines = [f"# embseg pipeline: val mIoU {_pct(result['miou'])}%", "",
+             f"- data: {result['data']}",
+             f"- shards: `{result['shards']['train']}`, `{result['shards']['val']}`",
+             f"- checkpoint: `{result['checkpoint']}` (step {result['step']})",
+             f"- metrics: `{result['metrics_file']}`",
+             f"- evaluation tables: `{result['eval_dir']}`",
+             f"- prediction pictures: `{result['predictions_dir']}` "
+             f"({len(result['predictions'])} images)",
+             f"- Prefect artifacts: {', '.join(f'`{key}`' for key in ARTIFACT_KEYS)}",
+             "", "## Val mIoU table (%)", "", result["table_markdown"]]
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(
+    lvis_train: Path | None = None,
+    coco_stuff_train: list[Path] | None = None,
+    lvis_val: Path | None = None,
+    coco_stuff_val: list[Path] | None = None,
+    images: Path | None = None,
+    synthetic_dir: Path = Path("data/synthetic"),
+    synthetic_images: int = 160,
+    synthetic_val_images: int = 40,
+    synthetic_lvis_classes: int = 30,
+    synthetic_size: int = 96,
+    synthetic_categories: Path | None = None,
+    seed: int = 0,
+    shards: Path = Path("shards"),
+    runs: Path = Path("runs"),
+    shard_size: int = 100,
+    ray_address: str | None = None,
+    workers: int | None = None,
+    force_rebuild: bool = False,
+    steps: int = 150,
+    batch_size: int = 8,
+    crop_size: int = 96,
+    lr: float = 0.05,
+    device: str = "cpu",
+    train_options: dict[str, Any] | None = None,
+    predict_count: int = 4,
+) -> dict[str, Any]:
+    """Run the whole pipeline; defaults are the demo configuration (synthetic data, CPU).
+
+    Real data: give ``lvis_train``, ``lvis_val``, ``coco_stuff_train``, ``coco_stuff_val`` and
+    ``images`` (the folder holding ``train2017/`` and ``val2017/``). ``train_options``: further
+    ``train`` flow parameters (e.g. ``{"backbone": "resnet50", "embed_dim": 64}``).
+    """
+    sources = _data_sources(lvis_train=lvis_train, coco_stuff_train=coco_stuff_train,
+                            lvis_val=lvis_val, coco_stuff_val=coco_stuff_val, images=images)
+    if sources is None:
+        synthetic = synthetic_data_task(Path(synthetic_dir), images=synthetic_images,
+                                        val_images=synthetic_val_images,
+                                        lvis_classes=synthetic_lvis_classes, size=synthetic_size,
+                                        seed=seed, categories=synthetic_categories)
+        splits = [SplitSource(split="train", lvis=synthetic.lvis_train,
+                              coco_stuff=[synthetic.stuff_train]),
+                  SplitSource(split="val", lvis=synthetic.lvis_val,
+                              coco_stuff=[synthetic.stuff_val])]
+        images_root = synthetic.images_root
+        data = f"synthetic ({synthetic_images} train + {synthetic_val_images} val images) in " \
+               f"`{synthetic.root}`"
+    else:
+        splits, images_root = sources
+        data = f"`{lvis_train}`, `{lvis_val}`, images in `{images_root}`"
+    dataset_rebuild(splits=splits, images=images_root, out=shards, shard_size=shard_size,
+                    ray_address=ray_address, workers=workers, force=force_rebuild)
+    train_shards, val_shards = Path(shards) / "train", Path(shards) / "val"
+    run_dir = Path(runs) / f"pipeline-{flow_run_label()}"
+    options = {"steps": steps, "batch_size": batch_size, "crop_size": crop_size, "lr": lr,
+               "device": device, "seed": seed, **(train_options or {})}
+    trained = train_flow(shards=train_shards, val_shards=val_shards, out=run_dir, **options)
+    evaluation = evaluate_flow(checkpoint=Path(trained["checkpoint"]), shards=val_shards,
+                               out=run_dir / "eval-val", device=device)
+    predictions = predict_task(Path(trained["checkpoint"]), val_shards, images_root,
+                               run_dir / "predictions", count=predict_count, device=device)
+    result = {
+        "data": data,
+        "shards": {"train": str(train_shards), "val": str(val_shards)},
+        "run_dir": str(run_dir), "checkpoint": trained["checkpoint"], "step": trained["step"],
+        "metrics_file": trained["metrics_file"], "eval_dir": str(run_dir / "eval-val"),
+        "miou": evaluation["miou"], "group_miou": evaluation["group_miou"],
+        "table_markdown": evaluation["table_markdown"],
+        "predictions_dir": str(run_dir / "predictions"),
+        "predictions": [p["overlay"] for p in predictions],
+        "artifacts": list(ARTIFACT_KEYS),
+    }
+    create_markdown_artifact(key="pipeline-summary", markdown=summary_markdown(result),
+                             description="pipeline: results and where they are")
+    return result
+
+
+def main() -> int:
+    """``python -m flows.pipeline`` / ``make demo``: the demo configuration, in-process."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME
+
+    try:
+        result = pipeline()
+    except EmbsegError as exc:
+        print(f"embseg: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print()
+    print(summary_markdown(result))
+    api = PREFECT_API_URL.value()
+    where = f"the Prefect server at {api}" if api else \
+        f"Prefect's local database in {PREFECT_HOME.value()} (view: `prefect server start`, " \
+        f"then http://127.0.0.1:4200/artifacts)"
+    print(f"\nFlow runs, logs and artifacts are stored in {where}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
