@@ -5,12 +5,13 @@ Layout of a models directory::
     MODELS/v0001.pt        a promoted checkpoint, copied once and never modified or deleted
     MODELS/v0001.json      what it is: val mIoU, source checkpoint, flow run, time
     MODELS/current.json    the pointer {"version": 1, "checkpoint": "v0001.pt", "miou": ...}
+    MODELS/current.pt      a symlink to the current vNNNN.pt, for tools that want a path
     MODELS/decisions.jsonl one line per promotion decision (promoted or kept), for the audit
 
 Promotion is atomic: the checkpoint is copied under a temporary name and hard-linked to the
 next free ``vNNNN.pt`` (a link never overwrites, so two concurrent promotions cannot take the
 same version), then ``current.json`` is written to a temporary file and swapped in with
-``os.replace``. A crash at any point leaves the previous pointer intact and every earlier
+``os.replace`` (the ``current.pt`` symlink is swapped the same way, right after). A crash at any point leaves the previous pointer intact and every earlier
 model on disk. Pure Python: no Prefect, no torch, so the rule is testable on its own.
 """
 
@@ -29,6 +30,7 @@ from pathlib import Path
 from embseg.errors import EmbsegError
 
 CURRENT_POINTER = "current.json"
+CURRENT_LINK = "current.pt"
 DECISIONS_LOG = "decisions.jsonl"
 _VERSION_FILE = re.compile(r"^v(\d{4,})\.pt$")
 
@@ -143,6 +145,7 @@ def promote(models_dir: Path, checkpoint: Path, *, miou: float,
     }
     _write_json_atomic(models_dir / f"v{version:04d}.json", info)
     _write_json_atomic(models_dir / CURRENT_POINTER, info)
+    _replace_symlink(models_dir / CURRENT_LINK, version_name(version))
     return CurrentModel(version=version, checkpoint=models_dir / version_name(version),
                         miou=miou, info=info)
 
@@ -198,6 +201,15 @@ def _write_json_atomic(path: Path, data: dict) -> None:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def _replace_symlink(link: Path, target: str) -> None:
+    """Point ``link`` at ``target`` (relative) atomically: new link, then ``os.replace``."""
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.partial")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    _fsync_dir(link.parent)
 
 
 def _fsync_file(path: Path) -> None:

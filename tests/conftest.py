@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from prefect_fixtures import prefect_server, prefect_worker  # noqa: F401 - session fixtures
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")

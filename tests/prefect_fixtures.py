@@ -156,3 +156,29 @@ def prefect_worker(prefect_server: PrefectServer) -> Iterator[PrefectWorker]:
     finally:
         # SIGINT: the worker's own shutdown path, which also stops its flow-run processes.
         stop_process_group(proc, first_signal=signal.SIGINT)
+
+
+def run_artifacts(flow_run_id) -> dict[str, str]:
+    """Markdown of every keyed artifact of a flow run and of its subflow runs (key -> data).
+
+    Reads them through the Prefect client from the server the current settings point at.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
+
+    with get_client(sync_client=True) as client:
+        run_ids = [flow_run_id]
+        frontier = [flow_run_id]
+        while frontier:
+            children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)))
+            frontier = [run.id for run in children if run.id not in run_ids]
+            run_ids += frontier
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=run_ids)))
+    return {artifact.key: str(artifact.data) for artifact in artifacts if artifact.key}

@@ -1,0 +1,343 @@
+"""The Prefect flows with the real parts: a real Prefect server, local Ray, real training.
+
+Flows run in this process against the session's Prefect server (``prefect_server``), except
+the resume test, whose first training run is a subprocess killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+from prefect_fixtures import REPO_ROOT, run_artifacts
+
+from embseg.checkpoint import load_checkpoint
+from embseg.errors import EmbsegError
+from embseg.synth import generate_synthetic
+from embseg.train import TrainConfig
+from flows import promotion
+from flows.pipeline import _data_sources
+from flows.rebuild import dataset_rebuild
+from flows.retrain import retrain
+from flows.train import train_config_fields, train_flow
+
+pytestmark = pytest.mark.slow
+
+SHARD_SIZE = 8
+TINY_TRAIN = {"batch_size": 2, "crop_size": 48, "num_workers": 0, "eval_batch_size": 2}
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return generate_synthetic(tmp_path_factory.mktemp("flows") / "synth", images=16,
+                              val_images=6, lvis_classes=8, seed=3, size=64)
+
+
+def _splits(synth) -> list[dict]:
+    return [{"split": "train", "lvis": str(synth.lvis_train), "coco_stuff": [str(synth.stuff_train)]},
+            {"split": "val", "lvis": str(synth.lvis_val), "coco_stuff": [str(synth.stuff_val)]}]
+
+
+def _rebuild(synth, out: Path, **extra):
+    state = dataset_rebuild(splits=_splits(synth), images=synth.images_root, out=out,
+                            shard_size=SHARD_SIZE, return_state=True, **extra)
+    return state.result(), state.state_details.flow_run_id
+
+
+def _tar_files(out: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(out)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(out.glob("*/*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))}
+
+
+@pytest.fixture(scope="module")
+def built(synth, prefect_server, ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("flows") / "shards"
+    _rebuild(synth, out)
+    return out
+
+
+# --------------------------------------------------------------------------- dataset-rebuild
+
+
+def test_rebuild_skips_when_unchanged_and_rebuilds_what_changed(synth, prefect_server, ray_local,
+                                                                 tmp_path):
+    out = tmp_path / "shards"
+    first, _ = _rebuild(synth, out)
+    assert {s: r["status"] for s, r in first.items()} == {"train": "rebuilt", "val": "rebuilt"}
+    before = _tar_files(out)
+    assert before and all(name.split("/")[0] in ("train", "val") for name in before)
+
+    second, run_id = _rebuild(synth, out)
+    assert {s: r["status"] for s, r in second.items()} == {"train": "up to date",
+                                                           "val": "up to date"}
+    assert _tar_files(out) == before  # same bytes, not even rewritten (same mtimes)
+    artifacts = run_artifacts(run_id)
+    assert "up to date" in artifacts["dataset-train"] and "up to date" in artifacts["dataset-val"]
+
+    # A changed input (an image's modification time) rebuilds that split only.
+    val_image = next((synth.images_root / "val2017").glob("*.jpg"))
+    stat = val_image.stat()
+    os.utime(val_image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    third, _ = _rebuild(synth, out)
+    assert {s: r["status"] for s, r in third.items()} == {"train": "up to date", "val": "rebuilt"}
+    assert {k: v for k, v in _tar_files(out).items() if k.startswith("train/")} == \
+        {k: v for k, v in before.items() if k.startswith("train/")}
+
+    forced, _ = _rebuild(synth, out, force=True)
+    assert {s: r["status"] for s, r in forced.items()} == {"train": "rebuilt", "val": "rebuilt"}
+
+
+def _pixels_from_shards(split_dir: Path) -> dict[int, int]:
+    """Class pixel counts decoded from the label maps inside the tars (not the manifest)."""
+    counts: dict[int, int] = {}
+    for shard in sorted(split_dir.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".seg.png"):
+                    label = np.array(Image.open(io.BytesIO(tar.extractfile(member).read())))
+                    ids, n = np.unique(label, return_counts=True)
+                    for class_id, count in zip(ids.tolist(), n.tolist(), strict=True):
+                        counts[class_id] = counts.get(class_id, 0) + count
+    return counts
+
+
+def test_rebuild_report_counts_and_class_frequencies(synth, built, prefect_server, ray_local):
+    result, run_id = _rebuild(synth, built)
+    train = result["train"]
+    statuses = pq.read_table(built / "train" / "manifest.parquet").column("status").to_pylist()
+    assert (train["n_images"], train["n_ok"], train["n_skipped"], train["n_failed"]) == \
+        (len(statuses), statuses.count("ok"), statuses.count("skipped"), statuses.count("failed"))
+    assert train["n_images"] == 16
+    assert [s["name"] for s in train["shards"]] == ["train-000000.tar", "train-000001.tar"]
+    assert [s["bytes"] for s in train["shards"]] == \
+        [(built / "train" / s["name"]).stat().st_size for s in train["shards"]]
+    pixels = _pixels_from_shards(built / "train")
+    ranked = sorted((c for c in pixels if c > 0), key=lambda c: (-pixels[c], c))
+    assert [c["id"] for c in train["head_classes"]] == ranked[:len(train["head_classes"])]
+    assert [c["pixels"] for c in train["head_classes"]] == \
+        [pixels[c] for c in ranked[:len(train["head_classes"])]]
+    assert [c["id"] for c in train["tail_classes"]] == ranked[::-1][:len(train["tail_classes"])]
+    markdown = run_artifacts(run_id)["dataset-train"]
+    head = train["head_classes"][0]
+    assert f"| {head['name']} | {head['id']} | {head['pixels']} |" in markdown
+    assert "| 16 | 16 | 0 | 0 |" in markdown
+
+
+def test_rebuild_rejects_splits_with_different_vocabularies(synth, prefect_server, ray_local,
+                                                            tmp_path):
+    other = generate_synthetic(tmp_path / "other", images=2, val_images=1, lvis_classes=5, seed=9,
+                               size=32)
+    splits = _splits(synth)
+    splits[1]["lvis"] = str(other.lvis_val)
+    with pytest.raises(EmbsegError, match="different vocabulary"):
+        dataset_rebuild(splits=splits, images=synth.images_root, out=tmp_path / "shards")
+
+
+# --------------------------------------------------------------------------- promotion
+
+
+@pytest.mark.parametrize(("new", "current", "expected"), [
+    (0.30, None, True), (0.31, 0.30, True), (0.30, 0.30, True), (0.29, 0.30, False),
+    (float("nan"), 0.30, False), (float("nan"), None, False), (0.10, float("nan"), True),
+])
+def test_promotion_rule(new, current, expected):
+    promoted, reason = promotion.should_promote(new, current)
+    assert promoted is expected and reason
+
+
+def test_promotion_keeps_every_model_and_swaps_the_pointer(tmp_path):
+    models = tmp_path / "models"
+    checkpoints = {}
+    for name in "abcde":
+        checkpoints[name] = tmp_path / "runs" / name / "best.pt"
+        checkpoints[name].parent.mkdir(parents=True)
+        checkpoints[name].write_bytes(f"model {name}".encode() * 100)
+    assert promotion.read_current(models) is None
+    steps = [("a", 0.30), ("b", 0.35), ("c", 0.20), ("d", 0.35), ("e", float("nan"))]
+    decisions = []
+    for name, score in steps:
+        current = promotion.read_current(models)
+        decisions.append(promotion.promote_if_better(
+            models, checkpoints[name], new_miou=score,
+            current_miou=current.miou if current else None, metadata={"run": name}))
+    assert [d.promoted for d in decisions] == [True, True, False, True, False]
+    assert [d.current.version for d in decisions] == [1, 2, 2, 3, 3]
+    assert promotion.stored_versions(models) == [1, 2, 3]
+    for version, name in ((1, "a"), (2, "b"), (3, "d")):
+        assert (models / f"v{version:04d}.pt").read_bytes() == checkpoints[name].read_bytes()
+        assert json.loads((models / f"v{version:04d}.json").read_text())["run"] == name
+    current = promotion.read_current(models)
+    assert (current.version, current.miou, current.checkpoint.name) == (3, 0.35, "v0003.pt")
+    assert os.readlink(models / "current.pt") == "v0003.pt"
+    log = [json.loads(line) for line in (models / "decisions.jsonl").read_text().splitlines()]
+    assert [row["promoted"] for row in log] == [True, True, False, True, False]
+    assert log[2]["new_miou"] == 0.20 and log[2]["current_miou"] == 0.35
+    assert not [p for p in models.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_promotion_never_overwrites_a_version_taken_concurrently(tmp_path, monkeypatch):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "v0001.pt").write_bytes(b"promoted by another retrain run")
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(b"new model")
+    # The other run linked v0001 after this one listed the folder: the link must move on.
+    monkeypatch.setattr(promotion, "stored_versions", lambda _: [])
+    current = promotion.promote(models, checkpoint, miou=0.5)
+    assert current.version == 2
+    assert (models / "v0001.pt").read_bytes() == b"promoted by another retrain run"
+    assert (models / "v0002.pt").read_bytes() == b"new model"
+
+
+def test_unreadable_pointer_is_an_error_not_a_fresh_start(tmp_path):
+    (tmp_path / "current.json").write_text("{not json")
+    with pytest.raises(EmbsegError, match="current.json"):
+        promotion.read_current(tmp_path)
+    (tmp_path / "current.json").write_text(json.dumps({"version": 4, "checkpoint": "v0004.pt",
+                                                       "miou": 0.3}))
+    with pytest.raises(EmbsegError, match="v0004.pt is missing"):
+        promotion.read_current(tmp_path)
+
+
+# --------------------------------------------------------------------------- retrain
+
+
+def test_retrain_promotes_the_first_model_then_applies_the_rule(synth, prefect_server, ray_local,
+                                                               tmp_path):
+    params = dict(splits=_splits(synth), images=synth.images_root, shards=tmp_path / "shards",
+                  runs=tmp_path / "runs", models=tmp_path / "models", shard_size=SHARD_SIZE,
+                  steps=3, batch_size=2, crop_size=48, lr=0.02,
+                  train_options={**TINY_TRAIN, "checkpoint_every": 3})
+    first = retrain(**params, fine_tune=True)
+    assert first["promoted"] and first["current_version"] == 1
+    assert first["current_miou"] is None and not math.isnan(first["new_miou"])
+    assert "trained from scratch" in " ".join(first["notes"])
+    v1 = (tmp_path / "models" / "v0001.pt").read_bytes()
+
+    state = retrain(**params, fine_tune=True, return_state=True)
+    second = state.result()
+    # The current model is re-scored on the same val shards: exactly its first score.
+    assert second["current_miou"] == pytest.approx(first["new_miou"], abs=1e-12)
+    assert second["promoted"] == (second["new_miou"] >= second["current_miou"])
+    assert second["current_version"] == (2 if second["promoted"] else 1)
+    assert (tmp_path / "models" / "v0001.pt").read_bytes() == v1
+    log = [json.loads(line) for line in
+           (tmp_path / "models" / "decisions.jsonl").read_text().splitlines()]
+    assert log[-1]["fine_tuned_from"].endswith("v0001.pt")
+    payload = load_checkpoint(Path(second["new_checkpoint"]), map_location="cpu")
+    assert payload["train_config"]["init_checkpoint"].endswith("v0001.pt")
+
+    artifacts = run_artifacts(state.state_details.flow_run_id)
+    decision = artifacts["retrain-decision"]
+    assert ("PROMOTED" if second["promoted"] else "KEPT the current model") in decision
+    assert f"{100 * second['new_miou']:.2f}" in decision
+    assert f"{100 * second['current_miou']:.2f}" in decision
+    assert "up to date" in decision  # the data had not changed: no rebuild
+    for key in ("evaluation-new-model", "evaluation-current-model"):
+        for part in ("mIoU", "| rare |", "| common |", "| frequent |", "| stuff |",
+                     "best classes", "worst classes"):
+            assert part in artifacts[key]
+    assert "train-report" in artifacts and "dataset-train" in artifacts
+
+
+# --------------------------------------------------------------------------- train
+
+
+def test_train_flow_parameters_are_the_train_config_fields():
+    params = inspect.signature(train_flow.fn).parameters
+    assert list(params) == train_config_fields()
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING}
+    differing = {name for name, p in params.items()
+                 if p.default is not inspect.Parameter.empty and p.default != defaults[name]}
+    assert differing == {"no_progress"}  # no progress bars in Prefect's logs
+
+
+def _train_rows(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if row["kind"] == "train"]
+
+
+def test_train_flow_resumes_after_the_stage_was_killed(built, prefect_server, tmp_path):
+    """SIGKILL the training flow once ``last.pt`` exists; the next run continues from it."""
+    run = tmp_path / "run"
+    settings = dict(shards=str(built / "train"), out=str(run), steps=40, checkpoint_every=2,
+                    seed=0, **{**TINY_TRAIN, "num_workers": 1})
+    code = f"from flows.train import train_flow\ntrain_flow(**{settings!r})\n"
+    log_path = tmp_path / "killed.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT,
+                                env=prefect_server.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "last.pt").exists():
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = load_checkpoint(run / "last.pt", map_location="cpu")["step"]
+    assert 0 < killed_at < 40
+    rows_before = [row for row in _train_rows(run) if row["step"] <= killed_at]
+    assert [row["step"] for row in rows_before] == list(range(1, killed_at + 1))
+
+    # DataLoader workers (num_workers=1) are forked inside the Prefect task here too.
+    state = train_flow(**settings, return_state=True)
+    result = state.result()
+    assert result["step"] == 40
+    rows = _train_rows(run)
+    assert [row["step"] for row in rows] == list(range(1, 41))
+    # The rows up to the checkpoint are the killed run's own (not recomputed from step 0).
+    assert rows[:killed_at] == rows_before
+    assert "train-report" in run_artifacts(state.state_details.flow_run_id)
+
+
+# --------------------------------------------------------------------------- pipeline, yaml
+
+
+def test_pipeline_wants_all_real_data_paths_or_none(tmp_path):
+    assert _data_sources(lvis_train=None, coco_stuff_train=None, lvis_val=None,
+                         coco_stuff_val=None, images=None) is None
+    with pytest.raises(EmbsegError, match="lvis_train, lvis_val and images"):
+        _data_sources(lvis_train=tmp_path / "a.json", coco_stuff_train=None, lvis_val=None,
+                      coco_stuff_val=None, images=None)
+    splits, images = _data_sources(lvis_train=tmp_path / "t.json", coco_stuff_train=[],
+                                   lvis_val=tmp_path / "v.json", coco_stuff_val=None,
+                                   images=tmp_path)
+    assert [s.split for s in splits] == ["train", "val"] and images == tmp_path
+
+
+def test_prefect_yaml_declares_one_deployment_per_flow():
+    config = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    deployments = {d["entrypoint"]: d for d in config["deployments"]}
+    flow_names = {}
+    for entrypoint, deployment in deployments.items():
+        path, function = entrypoint.split(":")
+        assert path.startswith("flows/") and (REPO_ROOT / path).is_file()
+        module = __import__(path[:-3].replace("/", "."), fromlist=[function])
+        flow_names[getattr(module, function).name] = deployment
+        assert deployment["work_pool"]["name"] == "embseg-process"
+    assert set(flow_names) == {"dataset-rebuild", "train", "evaluate", "retrain", "pipeline"}
+    assert flow_names["pipeline"]["name"] == "demo"
+    assert flow_names["pipeline"]["parameters"] == {}  # the flow's defaults are the demo
+    schedules = flow_names["retrain"]["schedules"]
+    assert len(schedules) == 1 and len(schedules[0]["cron"].split()) == 5
+    pull = config["pull"][0]["prefect.deployments.steps.set_working_directory"]
+    assert pull["directory"] == "{{ $PWD }}"
