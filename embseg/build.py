@@ -14,7 +14,9 @@ Stages (each a function, so the Prefect rebuild flow can run them as tasks):
 
 Determinism: a shard's bytes depend only on its inputs. Samples are in key order, members
 ``<key>.jpg``, ``<key>.json``, ``<key>.seg.png``, tar headers fixed (mtime 0, uid/gid 0, empty
-owner names, mode 0644, ustar), JSON with sorted keys and compact separators.
+owner names, mode 0644, ustar), JSON with sorted keys and compact separators. The workers
+encode each sample's tar members; the driver only concatenates them (the result equals what
+Python's ``tarfile`` writes for the same members).
 
 Crash safety: a shard is written under a hidden name (``.<split>-000000.tar.partial``, never
 matching ``*-NNNNNN.tar``) and fsynced; then its record ``.parts/<split>-000000.parquet``
@@ -33,7 +35,6 @@ import dataclasses
 import errno
 import fcntl
 import hashlib
-import io
 import json
 import math
 import os
@@ -296,9 +297,28 @@ def build_shards(*, lvis: Path, coco_stuff: list[Path], images: Path, out: Path,
     return report
 
 
-def process_chunk(items: list[ImageItem], images_root: Path, overlap: str) -> list[ImageResult]:
+@dataclass
+class ProcessedImage:
+    """What a Ray task returns per image: the outcome and the image's ready-made tar blocks.
+
+    Encoding the tar members in the workers keeps the driver's share of the work (it only
+    concatenates blocks into files) small, so that more workers give more speed.
+    """
+
+    result: ImageResult  # jpg / seg_png / meta dropped: their bytes are in ``blocks``
+    blocks: bytes  # the sample's tar members; empty unless the status is ok
+
+
+def process_chunk(items: list[ImageItem], images_root: Path,
+                  overlap: str) -> list[ProcessedImage]:
     """The Ray task: :func:`embseg.labels.process_image` over a few images, in order."""
-    return [process_image(item, images_root, overlap=overlap) for item in items]
+    processed = []
+    for item in items:
+        result = process_image(item, images_root, overlap=overlap)
+        blocks = sample_tar_blocks(result) if result.status == "ok" else b""
+        result.jpg = result.seg_png = result.meta = None
+        processed.append(ProcessedImage(result=result, blocks=blocks))
+    return processed
 
 
 def _chunks(plan: BuildPlan, shards: list[PlannedShard],
@@ -316,7 +336,7 @@ def _build_shards(plan: BuildPlan, todo: list[PlannedShard], records: dict[int, 
                   *, cpus: int, bar: tqdm) -> None:
     """Run the chunks on Ray; write each shard once it and every earlier one are complete."""
     waiting = {shard.index: shard for shard in todo}
-    results: dict[int, dict[int, list[ImageResult]]] = {shard.index: {} for shard in todo}
+    results: dict[int, dict[int, list[ProcessedImage]]] = {shard.index: {} for shard in todo}
     received = dict.fromkeys(waiting, 0)
     order = [shard.index for shard in todo]
     next_position = 0
@@ -347,19 +367,20 @@ def _build_shards(plan: BuildPlan, todo: list[PlannedShard], records: dict[int, 
             next_position += 1
 
 
-def _isolate_crash(items: list[ImageItem], kwargs: dict) -> list[ImageResult]:
+def _isolate_crash(items: list[ImageItem], kwargs: dict) -> list[ProcessedImage]:
     """A chunk whose worker died (even after retries): rerun its images one per task, so only
     the image that kills a worker (a decoder crash, memory) is recorded as failed."""
     singles = map_unordered(process_chunk, ((i, ([item],)) for i, item in enumerate(items)),
                             kwargs=kwargs, max_in_flight=len(items), return_exceptions=True)
-    by_position: dict[int, ImageResult] = {}
+    by_position: dict[int, ProcessedImage] = {}
     for position, value in singles:
         if isinstance(value, BaseException):
             item = items[position]
             reason = " ".join(str(value).split())[:300] or type(value).__name__
-            by_position[position] = ImageResult(
+            failed = ImageResult(
                 image_id=item.image_id, key=item.key, status="failed",
                 reason=f"processing crashed its worker ({type(value).__name__}: {reason})")
+            by_position[position] = ProcessedImage(result=failed, blocks=b"")
         else:
             by_position[position] = value[0]
     return [by_position[i] for i in range(len(items))]
@@ -368,30 +389,38 @@ def _isolate_crash(items: list[ImageItem], kwargs: dict) -> list[ImageResult]:
 # --------------------------------------------------------------------------- shard files
 
 
-def _tar_bytes(samples: list[ImageResult]) -> bytes:
-    """The deterministic tar of the ``ok`` samples (key order, fixed headers)."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for result in sorted(samples, key=lambda r: r.key):
-            members = {"jpg": result.jpg, "json": _canonical_json(result.meta),
-                       "seg.png": result.seg_png}
-            for suffix in MEMBER_SUFFIXES:
-                data = members[suffix]
-                info = tarfile.TarInfo(f"{result.key}.{suffix}")
-                info.size = len(data)
-                info.mtime = 0
-                info.mode = 0o644
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                info.type = tarfile.REGTYPE
-                tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+def tar_member(name: str, data: bytes) -> bytes:
+    """One tar member (ustar header, data, NUL padding) with fixed owner, mode and mtime."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    header = info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+    padding = -len(data) % tarfile.BLOCKSIZE
+    return header + data + tarfile.NUL * padding
+
+
+def sample_tar_blocks(result: ImageResult) -> bytes:
+    """The members of one sample, in the fixed order ``.jpg``, ``.json``, ``.seg.png``."""
+    members = {"jpg": result.jpg, "json": _canonical_json(result.meta), "seg.png": result.seg_png}
+    return b"".join(tar_member(f"{result.key}.{suffix}", members[suffix])
+                    for suffix in MEMBER_SUFFIXES)
+
+
+def tar_end(offset: int) -> bytes:
+    """End of archive after ``offset`` bytes: two zero blocks, then zeros up to a full record
+    (what Python's tarfile writes, so shards equal a tarfile-written archive)."""
+    offset += 2 * tarfile.BLOCKSIZE
+    return tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-offset % tarfile.RECORDSIZE))
 
 
 def _manifest_rows(plan: BuildPlan, shard: PlannedShard,
-                   results: list[ImageResult]) -> list[dict]:
+                   processed: list[ProcessedImage]) -> list[dict]:
     rows = []
-    for item, result in zip(plan.shard_items(shard), results, strict=True):
+    for item, result in zip(plan.shard_items(shard), (p.result for p in processed), strict=True):
         if result.key != item.key:
             raise RuntimeError(f"result {result.key} arrived in the slot of {item.key}")
         rows.append({
@@ -405,22 +434,29 @@ def _manifest_rows(plan: BuildPlan, shard: PlannedShard,
 
 
 def _write_shard(plan: BuildPlan, shard: PlannedShard,
-                 results: list[ImageResult]) -> _ShardRecord:
+                 processed: list[ProcessedImage]) -> _ShardRecord:
     """Partial tar (fsync) -> record (atomic) -> rename the tar into place (see module doc)."""
-    data = _tar_bytes([r for r in results if r.status == "ok"])
-    rows = _manifest_rows(plan, shard, results)
+    rows = _manifest_rows(plan, shard, processed)
     final = plan.out / shard.name
     partial = plan.out / f".{shard.name}.partial"
-    _write_durably(partial, data)
+    digest, size = hashlib.sha256(), 0
+    with open(partial, "wb") as handle:
+        blocks = [p.blocks for p in sorted(processed, key=lambda p: p.result.key) if p.blocks]
+        for data in [*blocks, tar_end(sum(len(b) for b in blocks))]:
+            handle.write(data)
+            digest.update(data)
+            size += len(data)
+        handle.flush()
+        os.fsync(handle.fileno())
     table = pa.Table.from_pylist(rows, schema=_MANIFEST_SCHEMA).replace_schema_metadata({
         _META_DIGEST: shard.input_digest.encode(),
-        _META_SHA: hashlib.sha256(data).hexdigest().encode(),
-        _META_SIZE: str(len(data)).encode(),
+        _META_SHA: digest.hexdigest().encode(),
+        _META_SIZE: str(size).encode(),
     })
     _write_parquet_atomically(table, _record_path(plan.out, shard.name))
     os.replace(partial, final)
     _fsync_dir(plan.out)
-    return _ShardRecord(path=final, size=len(data), rows=rows, reused=False)
+    return _ShardRecord(path=final, size=size, rows=rows, reused=False)
 
 
 def _record_path(out: Path, name: str) -> Path:

@@ -105,16 +105,32 @@ def test_shard_format_read_back_with_webdataset(synth, built):
     assert len(samples) == report.n_ok
 
 
-def test_tar_headers_are_fixed(built):
+def test_tar_headers_are_fixed_and_equal_a_tarfile_archive(built):
+    """Members in key order (.jpg, .json, .seg.png), fixed headers; the bytes equal an archive
+    that Python's tarfile writes from the same members and headers."""
     _, report = built
-    with tarfile.open(report.shards[0]) as tar:
-        members = tar.getmembers()
-    names = [m.name for m in members]
-    keys = sorted({n.split(".", 1)[0] for n in names})
-    assert names == [f"{k}.{s}" for k in keys for s in ("jpg", "json", "seg.png")]
-    for m in members:
-        assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o644)
-        assert m.isreg()
+    for shard in report.shards:
+        with tarfile.open(shard) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        names = [m.name for m, _ in members]
+        keys = sorted({n.split(".", 1)[0] for n in names})
+        assert names == [f"{k}.{s}" for k in keys for s in ("jpg", "json", "seg.png")]
+        for m, _ in members:
+            assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o644)
+            assert m.isreg()
+        expected = io.BytesIO()
+        with tarfile.open(fileobj=expected, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for m, data in members:
+                info = tarfile.TarInfo(m.name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+        assert shard.read_bytes() == expected.getvalue()
+        for m, data in members:
+            if m.name.endswith(".json"):
+                assert data == json.dumps(json.loads(data), sort_keys=True,
+                                          separators=(",", ":")).encode()
 
 
 def test_manifest_lists_every_input_image(synth, built):
