@@ -1,0 +1,541 @@
+"""``embseg bench``: memory and speed of the ESS head against the softmax baseline as the class
+count grows, and the throughput of the dataset build and of the training input pipeline.
+
+Every memory/speed point runs in a fresh subprocess, so one point's allocations never inflate
+another's peak: on CUDA the peak is ``torch.cuda.max_memory_allocated`` after
+``reset_peak_memory_stats``; on CPU it is the subprocess's peak resident set size. A point that
+does not fit (CUDA out-of-memory, or the CPU address-space cap) is recorded with a null peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+CLASS_COUNTS = (21, 150, 1284, 10_000, 100_000)
+POINT_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class StepSetting:
+    """One training-step configuration: backbone and input size shared by both heads."""
+
+    backbone: str
+    batch: int
+    size: int
+    output_stride: int = 16
+    embed_dim: int = 32
+
+
+@dataclass
+class BenchSettings:
+    """What to measure: ``quick`` CPU sizes, or the paper's GPU setting."""
+
+    device: str
+    steps: list[StepSetting]
+    classes: tuple[int, ...] = CLASS_COUNTS
+    loss_pixels: tuple[int, int, int] = (2, 128, 128)  # batch, height, width for the loss alone
+    build_images: int = 200
+    build_size: int = 128
+    loader_images: int = 200
+    cpu_memory_cap_gib: float = 8.0
+    measured_steps: int = 2
+    notes: list[str] = field(default_factory=list)
+
+
+def settings_for(*, quick: bool, gpu_sizes: bool, device: str) -> BenchSettings:
+    """The benchmark sizes for the flags given (see ``embseg bench --help``)."""
+    if gpu_sizes:
+        steps = [StepSetting("resnet50", 16, 513), StepSetting("resnet101", 16, 513)]
+        return BenchSettings(device=device, steps=steps, loss_pixels=(16, 513, 513))
+    if quick:
+        return BenchSettings(device=device, steps=[StepSetting("tiny", 2, 128)],
+                             build_images=200, loader_images=160, measured_steps=2)
+    return BenchSettings(device=device, steps=[StepSetting("mobilenetv2", 4, 256)],
+                         loss_pixels=(4, 256, 256), measured_steps=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subprocess points
+
+
+def _limit_address_space(cap_gib: float) -> None:
+    cap = int(cap_gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _is_oom(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate" in text \
+        or "not enough memory" in text or "std::bad_alloc" in text
+
+
+def _step_point(spec: dict[str, Any]) -> dict[str, Any]:
+    """One training step (forward, loss, backward, SGD update) of DeepLabV3+ with one head."""
+    import torch
+
+    from embseg.models import build_model
+
+    device = torch.device(spec["device"])
+    torch.manual_seed(0)
+    model = build_model(backbone=spec["backbone"], head=spec["head"],
+                        num_classes=spec["classes"], embed_dim=spec["embed_dim"],
+                        output_stride=spec["output_stride"]).to(device)
+    optimizer = torch.optim.SGD(model.param_groups(0.01), lr=0.01, momentum=0.9,
+                                weight_decay=1e-4)
+    images = torch.randn(spec["batch"], 3, spec["size"], spec["size"], device=device)
+    target = torch.randint(0, spec["classes"], (spec["batch"], spec["size"], spec["size"]),
+                           device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            output = model(images)
+        loss, _ = model.loss(output.float(), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return _measure(step, device, spec["measured_steps"])
+
+
+def _loss_point(spec: dict[str, Any]) -> dict[str, Any]:
+    """The loss alone, forward and backward: ESS (ess_loss + margin_penalty) or full softmax CE."""
+    import torch
+    import torch.nn.functional as F
+
+    from embseg import ess
+
+    device = torch.device(spec["device"])
+    torch.manual_seed(0)
+    batch, height, width = spec["pixels"]
+    classes, dim = spec["classes"], spec["embed_dim"]
+    target = torch.randint(0, classes, (batch, height, width), device=device)
+    if spec["head"] == "ess":
+        raw = torch.randn(batch, dim, height, width, device=device, requires_grad=True)
+        table = torch.empty(classes, dim, device=device).uniform_(-1, 1).requires_grad_(True)
+
+        def step() -> None:
+            emb = F.normalize(raw, dim=1)
+            class_emb = F.normalize(table, dim=1)
+            loss = ess.ess_loss(emb, target, class_emb, k=7, temperature=20.0)
+            loss = loss + ess.margin_penalty(class_emb, margin=0.2)
+            loss.backward()
+            raw.grad = table.grad = None
+    else:
+        logits = torch.randn(batch, classes, height, width, device=device, requires_grad=True)
+
+        def step() -> None:
+            F.cross_entropy(logits, target).backward()
+            logits.grad = None
+
+    return _measure(step, device, spec["measured_steps"])
+
+
+def _measure(step, device, measured_steps: int) -> dict[str, Any]:
+    import torch
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step()  # warm-up; also reaches the peak
+    sync()
+    started = time.perf_counter()
+    for _ in range(measured_steps):
+        step()
+    sync()
+    seconds = (time.perf_counter() - started) / measured_steps
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else _peak_rss_bytes())
+    return {"peak_bytes": int(peak), "step_seconds": seconds}
+
+
+def _run_point_child(spec_json: str) -> None:
+    """Subprocess entry: run one point and print its JSON result on the last line."""
+    spec = json.loads(spec_json)
+    if spec["device"] == "cpu":
+        _limit_address_space(spec["cpu_memory_cap_gib"])
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    runner = _step_point if spec["kind"] == "step" else _loss_point
+    try:
+        result = runner(spec)
+    except Exception as exc:  # noqa: BLE001 - OOM of any flavour is a result, not a crash
+        if not _is_oom(exc):
+            raise
+        result = {"peak_bytes": None, "step_seconds": None, "oom": True}
+    print(json.dumps(result))
+
+
+def run_point(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one point in a fresh interpreter; a crash for lack of memory counts as OOM."""
+    code = "import sys; from embseg.bench import _run_point_child; _run_point_child(sys.argv[1])"
+    env = dict(os.environ, MALLOC_ARENA_MAX="2")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True,
+                          text=True, timeout=POINT_TIMEOUT_S, env=env)
+    if proc.returncode == 0 and proc.stdout.strip():
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    elif proc.returncode < 0 or _is_oom(RuntimeError(proc.stderr)):
+        result = {"peak_bytes": None, "step_seconds": None, "oom": True}
+    else:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"benchmark point {spec} failed: {last}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The four parts
+
+
+def bench_memory(settings: BenchSettings, log) -> list[dict[str, Any]]:
+    """Part 1: peak memory and step time of a training step, ESS vs softmax, vs C."""
+    rows = []
+    for setting in settings.steps:
+        for head, head_name in (("embedding", "ess"), ("softmax", "softmax")):
+            for classes in settings.classes:
+                spec = {"kind": "step", "device": settings.device, "head": head,
+                        "classes": classes, "cpu_memory_cap_gib": settings.cpu_memory_cap_gib,
+                        "measured_steps": settings.measured_steps, **asdict(setting)}
+                result = run_point(spec)
+                row = {"head": head_name, "classes": classes, "backbone": setting.backbone,
+                       "batch": setting.batch, "image_size_px": setting.size,
+                       "output_stride": setting.output_stride,
+                       "peak_bytes": result["peak_bytes"],
+                       "step_seconds": result["step_seconds"]}
+                rows.append(row)
+                log(f"step   {head_name:7s} {setting.backbone:11s} C={classes:>7d} "
+                    f"{_fmt_bytes(row['peak_bytes']):>10s} {_fmt_seconds(row['step_seconds'])}")
+    return rows
+
+
+def bench_loss(settings: BenchSettings, log) -> list[dict[str, Any]]:
+    """Part 2: the loss alone, ess_loss + margin_penalty vs full cross-entropy, vs C."""
+    rows = []
+    batch, height, width = settings.loss_pixels
+    for head in ("ess", "softmax"):
+        for classes in settings.classes:
+            spec = {"kind": "loss", "device": settings.device, "head": head, "classes": classes,
+                    "embed_dim": 32, "pixels": list(settings.loss_pixels),
+                    "cpu_memory_cap_gib": settings.cpu_memory_cap_gib,
+                    "measured_steps": settings.measured_steps}
+            result = run_point(spec)
+            row = {"head": head, "classes": classes, "pixels": batch * height * width,
+                   "peak_bytes": result["peak_bytes"], "step_seconds": result["step_seconds"]}
+            rows.append(row)
+            log(f"loss   {head:7s} C={classes:>7d} {_fmt_bytes(row['peak_bytes']):>10s} "
+                f"{_fmt_seconds(row['step_seconds'])}")
+    return rows
+
+
+def bench_build(settings: BenchSettings, workdir: Path, log) -> dict[str, Any]:
+    """Part 3: dataset build throughput with 1 worker and with all cores (Ray)."""
+    from embseg.build import build_shards
+    from embseg.synth import generate_synthetic
+
+    data = generate_synthetic(workdir / "synth", images=settings.build_images, val_images=0,
+                              seed=0, size=settings.build_size)
+    all_cores = os.cpu_count() or 1
+    figures = {}
+    for workers in sorted({1, all_cores}):
+        report = build_shards(lvis=data.lvis_train, coco_stuff=[data.stuff_train],
+                              images=data.images_root, out=workdir / f"shards-{workers}",
+                              split="train", shard_size=100, workers=workers, progress=False)
+        figures[workers] = report.images_per_second
+        log(f"build  workers={workers} {report.images_per_second:8.1f} images/s")
+    return {"images": settings.build_images, "image_size_px": settings.build_size,
+            "workers_all": all_cores,
+            "images_per_second_1_worker": figures[1],
+            "images_per_second_all_workers": figures[all_cores],
+            "scaling_x": figures[all_cores] / figures[1],
+            "shards_dir": str(workdir / f"shards-{all_cores}")}
+
+
+class _LooseFiles:
+    """The same decode + augment as the shard loader, reading loose JPEG/PNG files."""
+
+    def __init__(self, pairs: list[tuple[Path, Path]], crop_size: int) -> None:
+        self.pairs, self.crop_size = pairs, crop_size
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int):
+        import numpy as np
+
+        from embseg import data
+
+        image_path, label_path = self.pairs[index]
+        image = data.decode_image(image_path.read_bytes())
+        label = data.decode_label(label_path.read_bytes())
+        rng = np.random.default_rng(index)
+        image, label, valid = data.augment(image, label, crop_size=self.crop_size, rng=rng)
+        target = data.label_to_target(label)
+        target[~valid] = data.IGNORE_INDEX
+        return data.normalize_image(image), target
+
+
+def _write_loose_copy(shards: Path, loose: Path) -> list[tuple[Path, Path]]:
+    """Unpack the shards' samples into loose ``<key>.jpg`` / ``<key>.png`` files."""
+    from embseg import data
+
+    loose.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for shard in data.list_shards(shards):
+        for sample in data.read_shard(shard):
+            if not isinstance(sample, dict):
+                continue
+            image_path = loose / f"{sample['__key__']}.jpg"
+            label_path = loose / f"{sample['__key__']}.png"
+            image_path.write_bytes(sample["jpg"])
+            label_path.write_bytes(sample["seg.png"])
+            pairs.append((image_path, label_path))
+    return pairs
+
+
+def bench_loader(settings: BenchSettings, workdir: Path, build: dict[str, Any],
+                 log) -> dict[str, Any]:
+    """Part 4: training input pipeline (decode + augment) from shards vs from loose files.
+
+    Both sides use the same decode and augmentation functions, the same batch size, crop size
+    and number of DataLoader workers; only the storage differs (sequential tar reads vs one
+    open/read per file).
+    """
+    import torch
+
+    from embseg import data
+
+    shards = Path(build["shards_dir"])
+    batch_size, crop, workers = 8, 128, min(2, os.cpu_count() or 1)
+    batches = -(-settings.loader_images // batch_size)
+
+    def images_per_second(batch_iter) -> float:
+        next(batch_iter)  # start-up (worker spawn, first decode) is not throughput
+        started = time.perf_counter()
+        for _ in range(batches):
+            next(batch_iter)
+        return batches * batch_size / (time.perf_counter() - started)
+
+    loader = data.train_loader(shards, num_classes=data.read_num_classes(shards),
+                               batch_size=batch_size, crop_size=crop, num_workers=workers)
+    try:
+        shard_ips = images_per_second(iter(loader))
+    finally:
+        loader.close()
+    pairs = _write_loose_copy(shards, workdir / "loose")
+    sampler = torch.utils.data.RandomSampler(pairs, replacement=True,
+                                             num_samples=(batches + 1) * batch_size)
+    loose_loader = torch.utils.data.DataLoader(_LooseFiles(pairs, crop), batch_size=batch_size,
+                                               sampler=sampler, num_workers=workers)
+    loose_ips = images_per_second(iter(loose_loader))
+    log(f"loader shards {shard_ips:8.1f} images/s; loose files {loose_ips:8.1f} images/s")
+    return {"images": batches * batch_size, "batch_size": batch_size, "crop_px": crop,
+            "num_workers": workers,
+            "images_per_second_shards": shard_ips,
+            "images_per_second_loose_files": loose_ips,
+            "speedup_x": shard_ips / loose_ips}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+def _fmt_bytes(value: int | None) -> str:
+    return "OOM" if value is None else f"{value / 2**20:.0f} MiB"
+
+
+def _fmt_seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} s"
+
+
+def _point(rows: list[dict[str, Any]], head: str, classes: int, key: str):
+    for row in rows:
+        if row["head"] == head and row["classes"] == classes:
+            return row[key]
+    return None
+
+
+def goals(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
+    """The benchmark's goals as (name, passed, detail); a missing figure fails its goal."""
+    out = []
+    memory = [r for r in result["memory"] if r["backbone"] == result["memory"][0]["backbone"]]
+    classes = sorted({r["classes"] for r in memory})
+    lo, hi = classes[0], classes[-1]
+
+    def ratio(a, b):
+        return None if a is None or b is None else a / b
+
+    mem_ratio = ratio(_point(memory, "ess", hi, "peak_bytes"), _point(memory, "ess", lo, "peak_bytes"))
+    out.append((f"ESS peak memory at C={hi} <= 1.10x that at C={lo}",
+                mem_ratio is not None and mem_ratio <= 1.10, f"{mem_ratio and round(mem_ratio, 3)}x"))
+    if 1284 in classes:
+        time_ratio = ratio(_point(memory, "ess", 1284, "step_seconds"),
+                           _point(memory, "ess", lo, "step_seconds"))
+        out.append((f"ESS step time at C=1284 <= 1.15x that at C={lo}",
+                    time_ratio is not None and time_ratio <= 1.15,
+                    f"{time_ratio and round(time_ratio, 3)}x"))
+    if result.get("build"):
+        scaling = result["build"]["scaling_x"]
+        out.append((f"build scaling >= 1.6x on {result['build']['workers_all']} workers",
+                    scaling >= 1.6, f"{scaling:.2f}x"))
+    if result.get("loader"):
+        speed = result["loader"]["speedup_x"]
+        out.append(("shard loader at least as fast as loose files", speed >= 1.0,
+                    f"{speed:.2f}x"))
+    return out
+
+
+def softmax_ess_ratio(result: dict[str, Any], classes: int = 1284) -> float | None:
+    """Peak memory of the softmax head over the ESS head's at ``classes`` (None when OOM)."""
+    memory = result["memory"]
+    soft, ess_peak = (_point(memory, "softmax", classes, "peak_bytes"),
+                      _point(memory, "ess", classes, "peak_bytes"))
+    return None if soft is None or ess_peak is None else soft / ess_peak
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """The benchmark as markdown tables (memory, loss, build, loader, goals)."""
+    lines = [f"# embseg bench ({result['device']}, {result['date']})", "",
+             "## Training step (DeepLabV3+, forward + loss + backward + SGD)", "",
+             "| backbone | batch x size | classes | ESS peak | ESS step | softmax peak | softmax step |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    memory = result["memory"]
+    for backbone in dict.fromkeys(r["backbone"] for r in memory):
+        rows = [r for r in memory if r["backbone"] == backbone]
+        first = rows[0]
+        for classes in sorted({r["classes"] for r in rows}):
+            lines.append(
+                f"| {backbone} | {first['batch']} x {first['image_size_px']}² | {classes:,} | "
+                f"{_fmt_bytes(_point(rows, 'ess', classes, 'peak_bytes'))} | "
+                f"{_fmt_seconds(_point(rows, 'ess', classes, 'step_seconds'))} | "
+                f"{_fmt_bytes(_point(rows, 'softmax', classes, 'peak_bytes'))} | "
+                f"{_fmt_seconds(_point(rows, 'softmax', classes, 'step_seconds'))} |")
+    loss = result["loss"]
+    if loss:
+        lines += ["", f"## Loss alone ({loss[0]['pixels']:,} pixels, forward + backward)", "",
+                  "| classes | ESS peak | ESS time | full CE peak | full CE time |",
+                  "|---:|---:|---:|---:|---:|"]
+        for classes in sorted({r["classes"] for r in loss}):
+            lines.append(
+                f"| {classes:,} | {_fmt_bytes(_point(loss, 'ess', classes, 'peak_bytes'))} | "
+                f"{_fmt_seconds(_point(loss, 'ess', classes, 'step_seconds'))} | "
+                f"{_fmt_bytes(_point(loss, 'softmax', classes, 'peak_bytes'))} | "
+                f"{_fmt_seconds(_point(loss, 'softmax', classes, 'step_seconds'))} |")
+    if result.get("build"):
+        b = result["build"]
+        lines += ["", "## Dataset build", "",
+                  f"{b['images']} synthetic images of {b['image_size_px']} px: "
+                  f"{b['images_per_second_1_worker']:.1f} images/s with 1 worker, "
+                  f"{b['images_per_second_all_workers']:.1f} images/s with "
+                  f"{b['workers_all']} workers ({b['scaling_x']:.2f}x)."]
+    if result.get("loader"):
+        ld = result["loader"]
+        lines += ["", "## Training input pipeline (decode + augment)", "",
+                  f"Shards: {ld['images_per_second_shards']:.1f} images/s; loose JPEG/PNG files: "
+                  f"{ld['images_per_second_loose_files']:.1f} images/s ({ld['speedup_x']:.2f}x)."]
+    ratio = result.get("softmax_over_ess_memory_at_1284")
+    lines += ["", "## Goals", ""]
+    lines += [f"- {'PASS' if ok else 'FAIL'}: {name} ({detail})" for name, ok, detail in goals(result)]
+    lines.append(f"- softmax/ESS peak memory at C=1284: "
+                 f"{'softmax OOM' if ratio is None else f'{ratio:.2f}x'}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Peak memory vs class count (log x axis), both heads, one line per backbone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    memory = result["memory"]
+    for backbone in dict.fromkeys(r["backbone"] for r in memory):
+        for head, style in (("ess", "o-"), ("softmax", "s--")):
+            rows = [r for r in memory if r["backbone"] == backbone and r["head"] == head]
+            xs = [r["classes"] for r in rows if r["peak_bytes"] is not None]
+            ys = [r["peak_bytes"] / 2**30 for r in rows if r["peak_bytes"] is not None]
+            ax.plot(xs, ys, style, label=f"{head} ({backbone})")
+            for r in rows:
+                if r["peak_bytes"] is None:
+                    ax.annotate("OOM", (r["classes"], ax.get_ylim()[1] if ys else 0),
+                                ha="center", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("classes C")
+    ax.set_ylabel("peak memory (GiB)")
+    ax.set_title(f"Training step peak memory, {result['device']}")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def device_name(device: str) -> str:
+    """A human description of the device the figures were taken on."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def run_bench(*, quick: bool, gpu_sizes: bool, out: Path, json_path: Path | None,
+              log=print) -> dict[str, Any]:
+    """Run all four parts and write JSON, markdown and the memory plot under ``out``."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if gpu_sizes and device != "cuda":
+        from embseg.errors import EmbsegError
+
+        raise EmbsegError("--gpu-sizes needs a CUDA GPU; none is visible to torch")
+    settings = settings_for(quick=quick, gpu_sizes=gpu_sizes, device=device)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    result: dict[str, Any] = {"device": device_name(device),
+                              "date": time.strftime("%Y-%m-%d"),
+                              "settings": {"quick": quick, "gpu_sizes": gpu_sizes},
+                              "units": {"peak_bytes": "bytes", "step_seconds": "seconds"}}
+    result["memory"] = bench_memory(settings, log)
+    result["loss"] = bench_loss(settings, log)
+    with tempfile.TemporaryDirectory(prefix="embseg-bench-") as tmp:
+        result["build"] = bench_build(settings, Path(tmp), log)
+        result["loader"] = bench_loader(settings, Path(tmp), result["build"], log)
+        result["build"].pop("shards_dir")
+    result["softmax_over_ess_memory_at_1284"] = softmax_ess_ratio(result)
+    result["goals"] = [{"goal": n, "passed": ok, "value": d} for n, ok, d in goals(result)]
+    result["total_seconds"] = time.time() - started
+    json_path = json_path or out / "bench.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    (out / "bench.md").write_text(to_markdown(result))
+    plot(result, out / "memory_vs_classes.png")
+    return result
+
+
+def cli_bench(args: argparse.Namespace) -> int:
+    """``embseg bench``: prints progress, the tables and the pass/fail goal lines."""
+    result = run_bench(quick=args.quick, gpu_sizes=args.gpu_sizes, out=args.out,
+                       json_path=args.json)
+    print()
+    print(to_markdown(result))
+    print(f"wrote {args.json or args.out / 'bench.json'}, {args.out / 'bench.md'}, "
+          f"{args.out / 'memory_vs_classes.png'} in {result['total_seconds']:.0f} s")
+    return 0

@@ -1,0 +1,72 @@
+"""embseg bench: the goal rules, the reports and one real subprocess point (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from embseg import bench
+
+
+def _result(ess_peaks: dict[int, int | None], ess_times: dict[int, float],
+            softmax_peaks: dict[int, int | None], *, scaling: float = 1.8,
+            loader_speedup: float = 1.2) -> dict:
+    memory = []
+    for head, peaks in (("ess", ess_peaks), ("softmax", softmax_peaks)):
+        for classes, peak in peaks.items():
+            memory.append({"head": head, "classes": classes, "backbone": "tiny", "batch": 2,
+                           "image_size_px": 64, "output_stride": 16, "peak_bytes": peak,
+                           "step_seconds": ess_times.get(classes) if head == "ess" else 1.0})
+    return {"device": "CPU", "date": "2026-01-01", "memory": memory, "loss": [],
+            "build": {"images": 200, "image_size_px": 96, "workers_all": 2,
+                      "images_per_second_1_worker": 10.0,
+                      "images_per_second_all_workers": 10.0 * scaling, "scaling_x": scaling},
+            "loader": {"images": 160, "images_per_second_shards": 50.0 * loader_speedup,
+                       "images_per_second_loose_files": 50.0, "speedup_x": loader_speedup},
+            "softmax_over_ess_memory_at_1284": None}
+
+
+def test_goals_pass_and_fail_on_the_stated_thresholds():
+    flat = _result({21: 1000, 1284: 1050, 100_000: 1100}, {21: 1.0, 1284: 1.15, 100_000: 3.0},
+                   {21: 900, 1284: 5000, 100_000: None})
+    assert [ok for _, ok, _ in bench.goals(flat)] == [True, True, True, True]
+
+    grows = _result({21: 1000, 1284: 1050, 100_000: 1101}, {21: 1.0, 1284: 1.16},
+                    {21: 900, 1284: 5000, 100_000: None}, scaling=1.59, loader_speedup=0.99)
+    assert [ok for _, ok, _ in bench.goals(grows)] == [False, False, False, False]
+
+    oom = _result({21: 1000, 1284: 1050, 100_000: None}, {21: 1.0, 1284: 1.0}, {})
+    assert bench.goals(oom)[0][1] is False  # a missing ESS figure never passes
+
+
+def test_softmax_ratio_and_markdown_report_every_figure():
+    result = _result({21: 2**20, 1284: 2**21, 100_000: 2**21}, {21: 1.0, 1284: 1.1},
+                     {21: 2**20, 1284: 2**23, 100_000: None})
+    assert bench.softmax_ess_ratio(result) == 4.0
+    result["softmax_over_ess_memory_at_1284"] = bench.softmax_ess_ratio(result)
+    text = bench.to_markdown(result)
+    assert "| tiny | 2 x 64² | 100,000 | 2 MiB |" in text
+    assert "OOM" in text and "4.00x" in text
+    assert text.count("PASS") + text.count("FAIL") == 4
+
+
+def test_plot_is_written(tmp_path):
+    result = _result({21: 2**20, 1284: 2**21}, {21: 1.0}, {21: 2**20, 1284: None})
+    bench.plot(result, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_one_real_point_runs_in_a_subprocess_and_reports_peak_and_time():
+    spec = {"kind": "loss", "device": "cpu", "head": "ess", "classes": 50, "embed_dim": 8,
+            "pixels": [1, 8, 8], "cpu_memory_cap_gib": 8, "measured_steps": 1}
+    result = bench.run_point(spec)
+    assert result["peak_bytes"] > 10 * 2**20  # a Python + torch process
+    assert result["step_seconds"] > 0
+    json.dumps(result)
+
+
+def test_a_point_that_does_not_fit_is_recorded_as_oom():
+    # full cross-entropy over 4 x 20000 x 128 x 128 logits needs ~5 GiB: over a 3 GiB cap
+    spec = {"kind": "loss", "device": "cpu", "head": "softmax", "classes": 20_000,
+            "embed_dim": 8, "pixels": [4, 128, 128], "cpu_memory_cap_gib": 3,
+            "measured_steps": 1}
+    assert bench.run_point(spec) == {"peak_bytes": None, "step_seconds": None, "oom": True}
