@@ -133,8 +133,8 @@ class BuildReport:
         """The one-line result the CLI prints."""
         written = len(self.shards) - self.reused_shards
         return (f"embseg build: split {self.split}: {self.n_images} images -> {self.n_ok} ok, "
-                f"{self.n_skipped} skipped, {self.n_failed} failed; {len(self.shards)} shards "
-                f"({written} written, {self.reused_shards} reused) in {self.seconds:.1f} s, "
+                f"{self.n_skipped} skipped, {self.n_failed} failed; {len(self.shards)} "
+                f"shard{'' if len(self.shards) == 1 else 's'} ({written} written, {self.reused_shards} reused) in {self.seconds:.1f} s, "
                 f"{self.images_per_second:.1f} images/s")
 
 

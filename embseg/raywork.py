@@ -1,8 +1,10 @@
 """Running embseg's plain per-item functions as Ray tasks (the only module that imports Ray).
 
 :func:`ray_runtime` gives a Ray to work on: an already-initialised one is reused (and left
-running), an existing cluster is joined with ``ray_address``, otherwise a local Ray is started
-with ``workers`` CPUs and the dashboard off; only a Ray started here is shut down here.
+running; ``workers`` and ``ray_address`` are then ignored), an existing cluster is joined with
+``ray_address``, otherwise a new local Ray is started with ``workers`` CPUs and the dashboard
+off (``RAY_ADDRESS`` and clusters from ``ray start`` are not picked up implicitly). Only a Ray
+started here is shut down here.
 :func:`map_unordered` runs a module-level function over many argument tuples, a bounded number
 in flight, yielding results as they complete.
 
@@ -77,7 +79,9 @@ def _init_ray(ray: Any, *, workers: int | None, ray_address: str | None) -> None
     """``ray.init`` for a new local Ray (dashboard off) or for joining ``ray_address``."""
     common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     if ray_address is None:
-        ray.init(num_cpus=workers or os.cpu_count() or 1, **common)
+        # "local": always a new Ray of our own, never one that RAY_ADDRESS or a `ray start`
+        # on this machine happens to point at.
+        ray.init(address="local", num_cpus=workers or os.cpu_count() or 1, **common)
         return
     _check_reachable(ray_address)
     try:
