@@ -235,8 +235,7 @@ class _RunState:
     last_eval: dict[str, Any] | None = None
 
 
-def _resume(config: TrainConfig, vocab: Vocabulary, model, optimizer, scheduler,
-            device: torch.device) -> _RunState:
+def _resume(config: TrainConfig, vocab: Vocabulary, model, optimizer, scheduler) -> _RunState:
     """Restore a run from ``RUN/last.pt`` (or its previous good version)."""
     last = Path(config.out) / "last.pt"
     if not last.exists() and not previous_path(last).exists():
@@ -254,16 +253,6 @@ def _resume(config: TrainConfig, vocab: Vocabulary, model, optimizer, scheduler,
                      last_eval=payload.get("last_eval"))
 
 
-def _payload(config: TrainConfig, vocab: Vocabulary, model, optimizer, scheduler,
-             state: _RunState, batches: TrainBatches) -> dict[str, Any]:
-    return new_payload(
-        step=state.step, model=model.state_dict(), model_config=dict(model.config),
-        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state(),
-        data=batches.state().to_dict(), vocabulary=vocabulary_record(vocab),
-        class_table_hash=vocab.content_hash(), train_config=config.to_record(),
-        best_miou=state.best_miou, last_eval=state.last_eval)
-
-
 def _eval_row(step: int, report: EvalReport) -> dict[str, Any]:
     summary = report.summary()
     return {"kind": "eval", "step": step, "val_miou": summary["miou"],
@@ -277,6 +266,97 @@ def _is_due(step: int, every: int | None, last_step: int) -> bool:
     return step == last_step or (every is not None and step % every == 0)
 
 
+@dataclass
+class _Session:
+    """Everything a running training loop holds; one method per thing the loop does."""
+
+    config: TrainConfig
+    vocab: Vocabulary
+    device: torch.device
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    state: _RunState
+    batches: TrainBatches
+    metrics_log: MetricsLog
+
+    def payload(self) -> dict[str, Any]:
+        """The checkpoint of the current step (plain data only)."""
+        return new_payload(
+            step=self.state.step, model=self.model.state_dict(),
+            model_config=dict(self.model.config), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(), rng=rng_state(),
+            data=self.batches.state().to_dict(), vocabulary=vocabulary_record(self.vocab),
+            class_table_hash=self.vocab.content_hash(), train_config=self.config.to_record(),
+            best_miou=self.state.best_miou, last_eval=self.state.last_eval)
+
+    def train_step(self) -> dict[str, Any]:
+        """One SGD step on the next batch; returns (and logs) its metrics row."""
+        tick = time.perf_counter()
+        batch = next(self.batches)
+        images = batch.image.to(self.device, non_blocking=True)
+        target = batch.label.to(self.device, non_blocking=True)
+        lr = self.optimizer.param_groups[-1]["lr"]
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                            enabled=self.device.type == "cuda"):
+            output = self.model(images)
+        loss, parts = self.model.loss(output, target)
+        if not math.isfinite(parts["loss"]):
+            raise EmbsegError(f"{self.config.out}: loss is {parts['loss']} at step "
+                              f"{self.state.step + 1}; lower --lr or resume from last.pt")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.state.step += 1
+        row = {"kind": "train", "step": self.state.step, **parts, "lr": lr,
+               "images_per_second": round(len(batch.keys) / (time.perf_counter() - tick), 3),
+               "bad_samples": self.batches.bad_samples}
+        self.metrics_log.append(row)
+        return row
+
+    def validate(self, best_path: Path) -> str:
+        """Evaluate on the val shards, log the row, keep ``best.pt``; returns a summary line."""
+        report = evaluate_model(self.model, self.config.val_shards, vocab=self.vocab,
+                                device=self.device, batch_size=self.config.eval_batch_size,
+                                num_workers=self.config.num_workers,
+                                on_bad_sample=self.config.on_bad_sample)
+        self.state.last_eval = _eval_row(self.state.step, report)
+        self.metrics_log.append(self.state.last_eval)
+        best = self.state.best_miou
+        if not math.isnan(report.miou) and (best is None or report.miou > best):
+            self.state.best_miou = float(report.miou)
+            save_checkpoint(self.payload(), best_path)
+        return (f"step {self.state.step}: val mIoU {100 * report.miou:.2f} "
+                f"(best {100 * (self.state.best_miou or 0):.2f})")
+
+
+def _start(config: TrainConfig, device: torch.device) -> _Session:
+    """Build or restore everything a run needs (resume, fine-tuning init, loader position)."""
+    run_dir = Path(config.out)
+    vocab = _load_vocabularies(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(".*.tmp-*"):  # temporary files of a killed run's writes
+        stale.unlink(missing_ok=True)
+    model, optimizer, scheduler = _build(config, vocab, device, resuming=config.resume)
+    state = _RunState()
+    if config.resume:
+        state = _resume(config, vocab, model, optimizer, scheduler)
+    if config.init_checkpoint is not None and state.step == 0:
+        _init_from_checkpoint(config, vocab, model)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+    metrics_log.truncate(state.step)
+    batches = train_loader(config.shards, num_classes=vocab.num_classes,
+                           batch_size=config.batch_size, crop_size=config.crop_size,
+                           seed=config.seed, num_workers=config.num_workers,
+                           shuffle_buffer=config.shuffle_buffer,
+                           on_bad_sample=config.on_bad_sample, state=state.loader_state,
+                           start_step=state.step, pin_memory=device.type == "cuda")
+    return _Session(config=config, vocab=vocab, device=device, model=model,
+                    optimizer=optimizer, scheduler=scheduler, state=state, batches=batches,
+                    metrics_log=metrics_log)
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Train (or, with ``config.resume``, continue training) and return the run's result."""
     config.check()
@@ -286,87 +366,36 @@ def train(config: TrainConfig) -> TrainResult:
     if not config.resume and (last_path.exists() or previous_path(last_path).exists()):
         raise EmbsegError(f"{run_dir}: already holds a training run (last.pt); pass --resume to "
                           f"continue it or choose another --out")
-    vocab = _load_vocabularies(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in run_dir.glob(".*.tmp-*"):  # temporary files of a killed run's writes
-        stale.unlink(missing_ok=True)
-    model, optimizer, scheduler = _build(config, vocab, device, resuming=config.resume)
-    state = _RunState()
-    if config.resume:
-        state = _resume(config, vocab, model, optimizer, scheduler, device)
-    if config.init_checkpoint is not None and state.step == 0:
-        _init_from_checkpoint(config, vocab, model)
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
-    metrics_log.truncate(state.step)
-
-    batches = train_loader(config.shards, num_classes=vocab.num_classes,
-                           batch_size=config.batch_size, crop_size=config.crop_size,
-                           seed=config.seed, num_workers=config.num_workers,
-                           shuffle_buffer=config.shuffle_buffer,
-                           on_bad_sample=config.on_bad_sample, state=state.loader_state,
-                           start_step=state.step, pin_memory=device.type == "cuda")
+    run = _start(config, device)
     eval_every = config.eval_every if config.eval_every is not None else config.checkpoint_every
-    last_row: dict[str, Any] = {}
-    progress = tqdm(total=config.steps, initial=state.step, disable=config.no_progress,
+    row: dict[str, Any] = {}
+    progress = tqdm(total=config.steps, initial=run.state.step, disable=config.no_progress,
                     dynamic_ncols=True, desc="train")
-    model.train()
+    run.model.train()
     try:
-        while state.step < config.steps:
-            tick = time.perf_counter()
-            batch = next(batches)
-            images = batch.image.to(device, non_blocking=True)
-            target = batch.label.to(device, non_blocking=True)
-            lr = optimizer.param_groups[-1]["lr"]
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                                enabled=device.type == "cuda"):
-                output = model(images)
-            loss, parts = model.loss(output, target)
-            if not math.isfinite(parts["loss"]):
-                raise EmbsegError(f"{run_dir}: loss is {parts['loss']} at step {state.step + 1}; "
-                                  f"lower --lr or resume from {last_path}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            state.step += 1
-            images_per_second = len(batch.keys) / (time.perf_counter() - tick)
-            last_row = {"kind": "train", "step": state.step, **parts, "lr": lr,
-                        "images_per_second": round(images_per_second, 3),
-                        "bad_samples": batches.bad_samples}
-            metrics_log.append(last_row)
+        while run.state.step < config.steps:
+            row = run.train_step()
             progress.update(1)
-            progress.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{lr:.2e}",
-                                 img_s=f"{images_per_second:.1f}")
-            if config.val_shards is not None and _is_due(state.step, eval_every, config.steps):
-                report = evaluate_model(model, config.val_shards, vocab=vocab, device=device,
-                                        batch_size=config.eval_batch_size,
-                                        num_workers=config.num_workers,
-                                        on_bad_sample=config.on_bad_sample)
-                state.last_eval = _eval_row(state.step, report)
-                metrics_log.append(state.last_eval)
-                improved = state.best_miou is None or report.miou > state.best_miou
-                if improved and not math.isnan(report.miou):
-                    state.best_miou = float(report.miou)
-                    save_checkpoint(_payload(config, vocab, model, optimizer, scheduler, state,
-                                             batches), best_path)
-                progress.write(f"step {state.step}: val mIoU {100 * report.miou:.2f} "
-                               f"(best {100 * (state.best_miou or 0):.2f})")
-            if _is_due(state.step, config.checkpoint_every, config.steps):
-                save_checkpoint(_payload(config, vocab, model, optimizer, scheduler, state,
-                                         batches), last_path, keep_previous=True)
+            progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                 img_s=f"{row['images_per_second']:.1f}")
+            if config.val_shards is not None and _is_due(row["step"], eval_every, config.steps):
+                progress.write(run.validate(best_path))
+            if _is_due(row["step"], config.checkpoint_every, config.steps):
+                save_checkpoint(run.payload(), last_path, keep_previous=True)
     finally:
         progress.close()
-        batches.close()
-    if batches.bad_samples:
-        log.warning("%d bad samples were skipped (see metrics.jsonl)", batches.bad_samples)
-    if not last_row:  # resumed a finished run: report its last logged step
-        last_row = next((r for r in reversed(metrics_log.rows()) if r.get("kind") == "train"), {})
-    final = {"loss": last_row.get("loss"), "bad_samples": batches.bad_samples,
-             "best_val_miou": state.best_miou,
-             "val_miou": (state.last_eval or {}).get("val_miou")}
+        run.batches.close()
+    bad_samples = run.batches.bad_samples
+    if bad_samples:
+        log.warning("%d bad samples were skipped (see metrics.jsonl)", bad_samples)
+    if not row:  # resumed a finished run: report its last logged step
+        row = next((r for r in reversed(run.metrics_log.rows()) if r.get("kind") == "train"), {})
+    final = {"loss": row.get("loss"), "bad_samples": bad_samples,
+             "best_val_miou": run.state.best_miou,
+             "val_miou": (run.state.last_eval or {}).get("val_miou")}
     return TrainResult(run_dir=run_dir, last_checkpoint=last_path,
                        best_checkpoint=best_path if best_path.exists() else None,
-                       step=state.step, metrics=final)
+                       step=run.state.step, metrics=final)
 
 
 def cli_train(args: argparse.Namespace) -> int:
