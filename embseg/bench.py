@@ -267,86 +267,24 @@ def bench_build(settings: BenchSettings, workdir: Path, log) -> dict[str, Any]:
             "shards_dir": str(workdir / f"shards-{all_cores}")}
 
 
-class _LooseFiles:
-    """The same decode + augment as the shard loader, reading loose JPEG/PNG files."""
-
-    def __init__(self, pairs: list[tuple[Path, Path]], crop_size: int) -> None:
-        self.pairs, self.crop_size = pairs, crop_size
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int):
-        import numpy as np
-
-        from embseg import data
-
-        image_path, label_path = self.pairs[index]
-        image = data.decode_image(image_path.read_bytes())
-        label = data.decode_label(label_path.read_bytes())
-        rng = np.random.default_rng(index)
-        image, label, valid = data.augment(image, label, crop_size=self.crop_size, rng=rng)
-        target = data.label_to_target(label)
-        target[~valid] = data.IGNORE_INDEX
-        return data.normalize_image(image), target
-
-
-def _write_loose_copy(shards: Path, loose: Path) -> list[tuple[Path, Path]]:
-    """Unpack the shards' samples into loose ``<key>.jpg`` / ``<key>.png`` files."""
-    from embseg import data
-
-    loose.mkdir(parents=True, exist_ok=True)
-    pairs = []
-    for shard in data.list_shards(shards):
-        for sample in data.read_shard(shard):
-            if not isinstance(sample, dict):
-                continue
-            image_path = loose / f"{sample['__key__']}.jpg"
-            label_path = loose / f"{sample['__key__']}.png"
-            image_path.write_bytes(sample["jpg"])
-            label_path.write_bytes(sample["seg.png"])
-            pairs.append((image_path, label_path))
-    return pairs
-
-
 def bench_loader(settings: BenchSettings, workdir: Path, build: dict[str, Any],
                  log) -> dict[str, Any]:
     """Part 4: training input pipeline (decode + augment) from shards vs from loose files.
 
-    Both sides use the same decode and augmentation functions, the same batch size, crop size
-    and number of DataLoader workers; only the storage differs (sequential tar reads vs one
-    open/read per file).
+    Both sides use the same decode and augmentation, batch size, crop size and number of
+    DataLoader workers; only the storage differs (sequential tar reads vs a file per read).
     """
-    import torch
-
-    from embseg import data
+    from embseg.data import loader_throughput
 
     shards = Path(build["shards_dir"])
-    batch_size, crop, workers = 8, 128, min(2, os.cpu_count() or 1)
-    batches = -(-settings.loader_images // batch_size)
-
-    def images_per_second(batch_iter) -> float:
-        next(batch_iter)  # start-up (worker spawn, first decode) is not throughput
-        started = time.perf_counter()
-        for _ in range(batches):
-            next(batch_iter)
-        return batches * batch_size / (time.perf_counter() - started)
-
-    loader = data.train_loader(shards, num_classes=data.read_num_classes(shards),
-                               batch_size=batch_size, crop_size=crop, num_workers=workers)
-    try:
-        shard_ips = images_per_second(iter(loader))
-    finally:
-        loader.close()
-    pairs = _write_loose_copy(shards, workdir / "loose")
-    sampler = torch.utils.data.RandomSampler(pairs, replacement=True,
-                                             num_samples=(batches + 1) * batch_size)
-    loose_loader = torch.utils.data.DataLoader(_LooseFiles(pairs, crop), batch_size=batch_size,
-                                               sampler=sampler, num_workers=workers)
-    loose_ips = images_per_second(iter(loose_loader))
+    figures = {"batch_size": 8, "crop_size": 128, "num_workers": min(2, os.cpu_count() or 1)}
+    shard_ips = loader_throughput(shards, images=settings.loader_images, source="shards",
+                                  **figures)
+    loose_ips = loader_throughput(shards, images=settings.loader_images, source="files",
+                                  loose_dir=workdir / "loose", **figures)
     log(f"loader shards {shard_ips:8.1f} images/s; loose files {loose_ips:8.1f} images/s")
-    return {"images": batches * batch_size, "batch_size": batch_size, "crop_px": crop,
-            "num_workers": workers,
+    return {"images": settings.loader_images, "batch_size": figures["batch_size"],
+            "crop_px": figures["crop_size"], "num_workers": figures["num_workers"],
             "images_per_second_shards": shard_ips,
             "images_per_second_loose_files": loose_ips,
             "speedup_x": shard_ips / loose_ips}
