@@ -48,10 +48,17 @@ def as_path(value: str | Path | None) -> Path | None:
 
 
 def flow_run_label(default: str = "local") -> str:
-    """The current flow run's name (stable across retries of that run), else ``default``."""
+    """``<flow run name>-<first 8 hex digits of its id>``: unique, stable across retries.
+
+    Run folders are named with it, so a retried flow run finds (and resumes) its own run
+    while a new flow run never lands in an older one's folder.
+    """
     from prefect.runtime import flow_run
 
-    return flow_run.get_name() or default
+    run_id, name = flow_run.get_id(), flow_run.get_name()
+    if not run_id or not name:
+        return default
+    return f"{name}-{str(run_id).replace('-', '')[:8]}"
 
 
 def _drop_prefect_service_atexits() -> None:

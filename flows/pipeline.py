@@ -16,6 +16,7 @@ same configuration on a worker.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -107,9 +108,34 @@ def _data_sources(*, lvis_train: Path | None, coco_stuff_train: list[Path] | Non
              SplitSource(split="val", lvis=lvis_val, coco_stuff=coco_stuff_val or [])], images)
 
 
+def _synthetic_sources(synthetic: SynthDataset) -> tuple[list[SplitSource], Path]:
+    """The train/val splits and images root of the synthetic dataset."""
+    return ([SplitSource(split="train", lvis=synthetic.lvis_train,
+                         coco_stuff=[synthetic.stuff_train]),
+             SplitSource(split="val", lvis=synthetic.lvis_val, coco_stuff=[synthetic.stuff_val])],
+            synthetic.images_root)
+
+
+def majority_class_baseline(per_class_table: Path) -> dict[str, float]:
+    """Chance level for the demo printout: the scores of always predicting the commonest class.
+
+    From the evaluation's ``per_class.parquet`` (ground-truth pixels per class): that class's
+    IoU is its pixel share, every other present class scores 0.
+    """
+    counts = [c for c in pq.read_table(per_class_table, columns=["target_pixels"])
+              .column("target_pixels").to_pylist() if c > 0]
+    if not counts:
+        return {"miou": float("nan"), "pixel_accuracy": float("nan")}
+    share = max(counts) / sum(counts)
+    return {"miou": share / len(counts), "pixel_accuracy": share}
+
+
 def summary_markdown(result: dict[str, Any]) -> str:
     """The pipeline artifact (and the demo's closing printout): results and where they are."""
+    chance = result["chance"]
     lines = [f"# embseg pipeline: val mIoU {_pct(result['miou'])}%", "",
+             f"Chance level (always the commonest val class): mIoU {_pct(chance['miou'])}%, "
+             f"pixel accuracy {_pct(chance['pixel_accuracy'])}%.", "",
              f"- data: {result['data']}",
              f"- shards: `{result['shards']['train']}`, `{result['shards']['val']}`",
              f"- checkpoint: `{result['checkpoint']}` (step {result['step']})",
@@ -123,7 +149,7 @@ def summary_markdown(result: dict[str, Any]) -> str:
 
 
 def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}"
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f}"
 
 
 @flow(name="pipeline", log_prints=True)
@@ -137,7 +163,7 @@ def pipeline(
     synthetic_images: int = 160,
     synthetic_val_images: int = 40,
     synthetic_lvis_classes: int = 30,
-    synthetic_size: int = 96,
+    synthetic_size: int = 64,
     synthetic_categories: Path | None = None,
     seed: int = 0,
     shards: Path = Path("shards"),
@@ -146,10 +172,14 @@ def pipeline(
     ray_address: str | None = None,
     workers: int | None = None,
     force_rebuild: bool = False,
-    steps: int = 150,
-    batch_size: int = 8,
-    crop_size: int = 96,
-    lr: float = 0.05,
+    head: str = "embedding",
+    embed_dim: int = 64,
+    k: int = 25,
+    steps: int = 160,
+    batch_size: int = 16,
+    crop_size: int = 48,
+    lr: float = 0.3,
+    num_workers: int = 1,
     device: str = "cpu",
     train_options: dict[str, Any] | None = None,
     predict_count: int = 4,
@@ -158,7 +188,7 @@ def pipeline(
 
     Real data: give ``lvis_train``, ``lvis_val``, ``coco_stuff_train``, ``coco_stuff_val`` and
     ``images`` (the folder holding ``train2017/`` and ``val2017/``). ``train_options``: further
-    ``train`` flow parameters (e.g. ``{"backbone": "resnet50", "embed_dim": 64}``).
+    ``train`` flow parameters (e.g. ``{"backbone": "resnet50", "output_stride": 8}``).
     """
     sources = _data_sources(lvis_train=lvis_train, coco_stuff_train=coco_stuff_train,
                             lvis_val=lvis_val, coco_stuff_val=coco_stuff_val, images=images)
@@ -167,11 +197,7 @@ def pipeline(
                                         val_images=synthetic_val_images,
                                         lvis_classes=synthetic_lvis_classes, size=synthetic_size,
                                         seed=seed, categories=synthetic_categories)
-        splits = [SplitSource(split="train", lvis=synthetic.lvis_train,
-                              coco_stuff=[synthetic.stuff_train]),
-                  SplitSource(split="val", lvis=synthetic.lvis_val,
-                              coco_stuff=[synthetic.stuff_val])]
-        images_root = synthetic.images_root
+        splits, images_root = _synthetic_sources(synthetic)
         data = f"synthetic ({synthetic_images} train + {synthetic_val_images} val images) in " \
                f"`{synthetic.root}`"
     else:
@@ -181,8 +207,10 @@ def pipeline(
                     ray_address=ray_address, workers=workers, force=force_rebuild)
     train_shards, val_shards = Path(shards) / "train", Path(shards) / "val"
     run_dir = Path(runs) / f"pipeline-{flow_run_label()}"
-    options = {"steps": steps, "batch_size": batch_size, "crop_size": crop_size, "lr": lr,
-               "device": device, "seed": seed, **(train_options or {})}
+    options = {"head": head, "embed_dim": embed_dim, "k": k, "steps": steps,
+               "batch_size": batch_size, "crop_size": crop_size, "lr": lr,
+               "num_workers": num_workers, "device": device, "seed": seed,
+               **(train_options or {})}
     trained = train_flow(shards=train_shards, val_shards=val_shards, out=run_dir, **options)
     evaluation = evaluate_flow(checkpoint=Path(trained["checkpoint"]), shards=val_shards,
                                out=run_dir / "eval-val", device=device)
@@ -195,6 +223,7 @@ def pipeline(
         "metrics_file": trained["metrics_file"], "eval_dir": str(run_dir / "eval-val"),
         "miou": evaluation["miou"], "group_miou": evaluation["group_miou"],
         "table_markdown": evaluation["table_markdown"],
+        "chance": majority_class_baseline(Path(evaluation["files"]["per_class_parquet"])),
         "predictions_dir": str(run_dir / "predictions"),
         "predictions": [p["overlay"] for p in predictions],
         "artifacts": list(ARTIFACT_KEYS),

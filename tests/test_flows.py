@@ -31,7 +31,7 @@ from embseg.errors import EmbsegError
 from embseg.synth import generate_synthetic
 from embseg.train import TrainConfig
 from flows import promotion
-from flows.pipeline import _data_sources
+from flows.pipeline import _data_sources, majority_class_baseline
 from flows.rebuild import dataset_rebuild
 from flows.retrain import retrain
 from flows.train import train_config_fields, train_flow
@@ -322,6 +322,17 @@ def test_pipeline_wants_all_real_data_paths_or_none(tmp_path):
                                    lvis_val=tmp_path / "v.json", coco_stuff_val=None,
                                    images=tmp_path)
     assert [s.split for s in splits] == ["train", "val"] and images == tmp_path
+
+
+def test_majority_class_baseline(tmp_path):
+    import pyarrow as pa
+
+    table = tmp_path / "per_class.parquet"
+    pq.write_table(pa.table({"id": [1, 2, 3, 4], "target_pixels": [0, 10, 30, 60]}), table)
+    baseline = majority_class_baseline(table)
+    # Class 4 predicted everywhere: IoU 60/100; classes 2 and 3 score 0; class 1 is absent.
+    assert baseline["pixel_accuracy"] == pytest.approx(0.6)
+    assert baseline["miou"] == pytest.approx(0.6 / 3)
 
 
 def test_prefect_yaml_declares_one_deployment_per_flow():
