@@ -309,6 +309,30 @@ def test_train_flow_resumes_after_the_stage_was_killed(built, prefect_server, tm
     assert "train-report" in run_artifacts(state.state_details.flow_run_id)
 
 
+def _weights(checkpoint: Path) -> dict:
+    state = load_checkpoint(checkpoint, map_location="cpu")["model"]
+    return {k: v for k, v in state.items() if "running_" not in k and "num_batches" not in k}
+
+
+def test_train_flow_fine_tunes_from_init_checkpoint(built, prefect_server, tmp_path):
+    common = dict(shards=built / "train", checkpoint_every=1, seed=0, **TINY_TRAIN)
+    base = train_flow(out=tmp_path / "base", steps=2, lr=0.05, **common)
+    start = _weights(Path(base["last_checkpoint"]))
+    # A learning rate of ~0 keeps the weights where they started: at the init checkpoint's.
+    tuned = train_flow(out=tmp_path / "tuned", steps=1, lr=1e-12, seed=7,
+                       init_checkpoint=Path(base["last_checkpoint"]),
+                       **{k: v for k, v in common.items() if k != "seed"})
+    after = _weights(Path(tuned["last_checkpoint"]))
+    assert all(np.allclose(after[k].numpy(), start[k].numpy(), atol=1e-6) for k in start)
+    scratch = train_flow(out=tmp_path / "scratch", steps=1, lr=1e-12, seed=7,
+                         **{k: v for k, v in common.items() if k != "seed"})
+    fresh = _weights(Path(scratch["last_checkpoint"]))
+    assert not all(np.allclose(fresh[k].numpy(), start[k].numpy(), atol=1e-6) for k in start)
+    with pytest.raises(EmbsegError, match="model settings"):
+        train_flow(out=tmp_path / "other", steps=1, embed_dim=16,
+                   init_checkpoint=Path(base["last_checkpoint"]), **common)
+
+
 # --------------------------------------------------------------------------- pipeline, yaml
 
 
