@@ -10,7 +10,6 @@ import math
 import os
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from embseg.errors import EmbsegError
@@ -40,11 +39,6 @@ def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
     except Exception:  # noqa: BLE001 - anything else may be transient (Ray, file system)
         return True
     return True
-
-
-def as_path(value: str | Path | None) -> Path | None:
-    """Path of a flow parameter (parameters arrive as JSON strings from deployments)."""
-    return None if value in (None, "") else Path(value)
 
 
 def flow_run_label(default: str = "local") -> str:
