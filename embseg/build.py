@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from embseg.annotations import BuildInputs, ImageItem, load_build_inputs
 from embseg.errors import EmbsegError
+from embseg.fileio import fsync_dir, write_bytes_atomically
 from embseg.labels import OVERLAP_MODES, ImageResult, process_image
 from embseg.raywork import map_unordered, ray_runtime, warm_up
 
@@ -438,7 +439,7 @@ def _write_shard(plan: BuildPlan, shard: PlannedShard,
     """Partial tar (fsync) -> record (atomic) -> rename the tar into place (see module doc)."""
     rows = _manifest_rows(plan, shard, processed)
     final = plan.out / shard.name
-    partial = plan.out / f".{shard.name}.partial"
+    partial = _partial_name(final)
     digest, size = hashlib.sha256(), 0
     with open(partial, "wb") as handle:
         blocks = [p.blocks for p in sorted(processed, key=lambda p: p.result.key) if p.blocks]
@@ -455,7 +456,7 @@ def _write_shard(plan: BuildPlan, shard: PlannedShard,
     })
     _write_parquet_atomically(table, _record_path(plan.out, shard.name))
     os.replace(partial, final)
-    _fsync_dir(plan.out)
+    fsync_dir(plan.out)
     return _ShardRecord(path=final, size=size, rows=rows, reused=False)
 
 
@@ -620,26 +621,14 @@ def _pretty_json(value: object) -> bytes:
     return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _partial_name(path: Path) -> Path:
+    """The hidden name a build file is written under (stale ones are recognised and removed)."""
+    return path.with_name(f".{path.name}.partial")
 
 
 def _write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path``: hidden temporary, fsync, rename (unless it is the partial)."""
-    if path.name.endswith(".partial"):
-        with open(path, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        return
-    tmp = path.with_name(f".{path.name}.partial")
-    _write_durably(tmp, data)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """Write ``data`` to ``path`` through its hidden ``.partial`` name (fsync, rename)."""
+    write_bytes_atomically(path, data, temporary=_partial_name(path))
 
 
 def _write_parquet_atomically(table: pa.Table, path: Path) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from embseg.errors import EmbsegError
+from embseg.fileio import temporary_sibling, write_atomically
 from embseg.vocab import VocabClass, Vocabulary
 
 FORMAT = "embseg-checkpoint"
@@ -42,23 +43,10 @@ def previous_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _keep_previous(path: Path) -> None:
     """Make ``previous_path(path)`` a copy of the current ``path`` (atomically replaced)."""
     previous = previous_path(path)
-    staging = previous.with_name(f".{previous.name}.tmp-{os.getpid()}")
+    staging = temporary_sibling(previous)
     staging.unlink(missing_ok=True)
     try:
         os.link(path, staging)  # the current file stays in place: no moment without last.pt
@@ -73,20 +61,13 @@ def save_checkpoint(payload: dict[str, Any], path: Path, *, keep_previous: bool 
     With ``keep_previous`` the file being replaced is kept as :func:`previous_path` first.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if keep_previous and path.exists():
+
+    def write(tmp: Path) -> None:
+        torch.save(payload, tmp)
+        if keep_previous and path.exists():  # only once the new one is complete
             _keep_previous(path)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
-    return path
+
+    return write_atomically(path, write)
 
 
 def _read(path: Path, map_location: str | torch.device) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from embseg.checkpoint import checkpoint_vocabulary, load_checkpoint
 from embseg.data import eval_loader
 from embseg.errors import EmbsegError
+from embseg.fileio import write_atomically, write_text_atomically
 from embseg.metrics import MetricResult, SegmentationMetrics
 from embseg.vocab import Vocabulary
 
@@ -147,11 +147,11 @@ class EvalReport:
                 for row in self.per_class]
         paths = {"per_class_parquet": out / "per_class.parquet",
                  "per_class_csv": out / "per_class.csv", "summary": out / "summary.json"}
-        _atomic(paths["per_class_parquet"], lambda p: pq.write_table(pa.Table.from_pylist(rows), p))
-        _atomic(paths["per_class_csv"], lambda p: _write_csv(p, rows))
+        write_atomically(paths["per_class_parquet"], lambda p: pq.write_table(pa.Table.from_pylist(rows), p))
+        write_atomically(paths["per_class_csv"], lambda p: _write_csv(p, rows))
         self.files = {name: str(path) for name, path in paths.items()}
         summary = {**self.summary(), "files": self.files}
-        _atomic(paths["summary"], lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+        write_text_atomically(paths["summary"], json.dumps(summary, indent=2) + "\n")
         return self.files
 
 
@@ -160,15 +160,6 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def build_report(result: MetricResult, vocab: Vocabulary, **info: Any) -> EvalReport:

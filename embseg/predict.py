@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from PIL import Image
 from embseg.data import decode_image, normalize_image
 from embseg.errors import EmbsegError
 from embseg.evaluate import load_model, resolve_device, segment
+from embseg.fileio import write_atomically
 
 OVERLAY_ALPHA = 0.5
 LEGEND_CLASSES = 12
@@ -83,17 +83,8 @@ def draw_legend(shares: list[dict[str, Any]], path: Path, *, title: str,
     plt.close(figure)
 
 
-def _atomic_save(path: Path, save) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save_png(array: np.ndarray, path: Path) -> None:
-    _atomic_save(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    write_atomically(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def _write_outputs(image: np.ndarray, label: np.ndarray, shares: list[dict[str, Any]], *,
@@ -104,7 +95,7 @@ def _write_outputs(image: np.ndarray, label: np.ndarray, shares: list[dict[str, 
     _save_png(label, files["labels"])
     _save_png(coloured, files["color"])
     _save_png(overlay(image, coloured), files["overlay"])
-    _atomic_save(files["legend"], lambda tmp: draw_legend(shares, tmp, title=title))
+    write_atomically(files["legend"], lambda tmp: draw_legend(shares, tmp, title=title))
     return {kind: str(path) for kind, path in files.items()}
 
 
@@ -153,7 +144,7 @@ def predict_images(checkpoint: Path, images: list[Path], out: Path, *,
         files = _write_outputs(image, label, shares, out=out, stem=stem, title=Path(path).name)
         results.append({"image": str(path), **files, "classes": shares})
     index = out / "predictions.json"
-    _atomic_save(index, lambda p: p.write_text(json.dumps(
+    write_atomically(index, lambda p: p.write_text(json.dumps(
         {"checkpoint": payload["path"], "step": payload.get("step"), "predictions": results},
         indent=2) + "\n"))
     return results

@@ -28,7 +28,6 @@ import argparse
 import io
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from embseg.errors import EmbsegError
+from embseg.fileio import write_bytes_atomically
 from embseg.vocab import read_categories
 
 STUFF_FIRST_ID = 92
@@ -310,7 +310,7 @@ def _generate_split(world: _World, *, folder: str, first_id: int, count: int, se
         pixels, things, stuff = _render(world, rng, height=height, width=width,
                                         force_extras=index == 0)
         file_name = f"{image_id:012d}.jpg"
-        _write_bytes(image_dir / file_name, _encode_jpeg(pixels))
+        write_bytes_atomically(image_dir / file_name, _encode_jpeg(pixels))
         split.images_lvis.append(_lvis_image(world, rng, image_id=image_id, folder=folder,
                                              file_name=file_name, height=height, width=width,
                                              things=things))
@@ -629,13 +629,6 @@ def _stuff_file(split: _Split, categories: list[dict]) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    _write_bytes(path, json.dumps(data, separators=(",", ":")).encode("utf-8"))
+    write_bytes_atomically(path, json.dumps(data, separators=(",", ":")).encode("utf-8"))
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary name and rename, so a killed run leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from embseg.errors import EmbsegError
+from embseg.fileio import write_atomically
 
 STUFF_FIRST_ID = 92
 STUFF_LAST_ID = 182
@@ -144,13 +144,7 @@ class Vocabulary:
         table = table.replace_schema_metadata(
             {_OTHER_IDS_KEY: json.dumps(list(self.stuff_other_ids)).encode()}
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            pq.write_table(table, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomically(path, lambda tmp: pq.write_table(table, tmp))
 
     @classmethod
     def read_parquet(cls, path: Path) -> Vocabulary:

@@ -28,6 +28,7 @@ from itertools import count
 from pathlib import Path
 
 from embseg.errors import EmbsegError
+from embseg.fileio import fsync_dir, fsync_file, write_text_atomically
 
 CURRENT_POINTER = "current.json"
 CURRENT_LINK = "current.pt"
@@ -162,7 +163,7 @@ def _store_version(models_dir: Path, checkpoint: Path) -> int:
     """Copy the checkpoint in under a temporary name, then link it to the next free version."""
     partial = models_dir / f".{checkpoint.name}.{os.getpid()}.partial"
     shutil.copyfile(checkpoint, partial)
-    _fsync_file(partial)
+    fsync_file(partial)
     try:
         start = max(stored_versions(models_dir), default=0) + 1
         for version in count(start):
@@ -170,7 +171,7 @@ def _store_version(models_dir: Path, checkpoint: Path) -> int:
                 os.link(partial, models_dir / version_name(version))
             except FileExistsError:
                 continue  # taken by a concurrent promotion: try the next number
-            _fsync_dir(models_dir)
+            fsync_dir(models_dir)
             return version
     finally:
         partial.unlink(missing_ok=True)
@@ -194,13 +195,7 @@ def _append_decision(models_dir: Path, decision: PromotionDecision, metadata: di
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    write_text_atomically(path, json.dumps(data, indent=2, default=str))
 
 
 def _replace_symlink(link: Path, target: str) -> None:
@@ -209,17 +204,4 @@ def _replace_symlink(link: Path, target: str) -> None:
     tmp.unlink(missing_ok=True)
     os.symlink(target, tmp)
     os.replace(tmp, link)
-    _fsync_dir(link.parent)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(link.parent)
