@@ -168,6 +168,64 @@ def test_ess_values_and_gradients_match_brute_force(k):
         torch.testing.assert_close(got, want)
 
 
+def direct_ess(emb: torch.Tensor, target: torch.Tensor, class_emb: torch.Tensor, k: int,
+               temperature: float) -> torch.Tensor:
+    """Vectorised paper definition from explicit differences (no products): every distance,
+    the k nearest non-target classes by a stable sort, log-softmax over [target, those]."""
+    pixels = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+    labels = target.reshape(-1)
+    distances = (pixels.unsqueeze(1) - class_emb.unsqueeze(0)).pow(2).sum(dim=2).sqrt()
+    ranking = distances.detach().clone()
+    ranking[torch.arange(len(labels)), labels] = float("inf")
+    negatives = torch.argsort(ranking, dim=1, stable=True)[:, :k]
+    candidates = torch.cat([labels.unsqueeze(1), negatives], dim=1)
+    logits = -temperature * distances.gather(1, candidates)
+    return -torch.log_softmax(logits, dim=1)[:, 0].mean()
+
+
+@pytest.mark.parametrize("k", [7, 25])
+def test_large_batch_small_vocabulary_takes_products_and_stays_exact(k):
+    from embseg.ess import uses_products
+
+    num_classes, dim = 50, 32
+    emb = leaf(unit(4, dim, 32, 32, dim=1, seed=40))
+    class_emb = leaf(unit(num_classes, dim, seed=41))
+    target = torch.randint(0, num_classes, (4, 32, 32),
+                           generator=torch.Generator().manual_seed(4))
+    assert uses_products(4 * 32 * 32, k + 1, dim, num_classes)
+    loss = ess_loss(emb, target, class_emb, k=k, temperature=20.0)
+    reference = direct_ess(emb, target, class_emb, k, 20.0)
+    torch.testing.assert_close(loss, reference)
+    for got, want in zip(grads(loss, emb, class_emb), grads(reference, emb, class_emb),
+                         strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_products_path_is_finite_when_pixels_sit_on_their_classes():
+    from embseg.ess import uses_products
+
+    num_classes, dim, k = 40, 32, 7
+    class_emb = leaf(unit(num_classes, dim, seed=42).float())
+    target = torch.randint(0, num_classes, (4, 32, 32),
+                           generator=torch.Generator().manual_seed(5))
+    emb = leaf(class_emb.detach()[target].permute(0, 3, 1, 2))  # distance 0 to the target
+    assert uses_products(4 * 32 * 32, k + 1, dim, num_classes)
+    loss = ess_loss(emb, target, class_emb, k=k, temperature=20.0)
+    reference = direct_ess(emb.double(), target, class_emb.double(), k, 20.0)
+    torch.testing.assert_close(loss.double(), reference, atol=1e-4, rtol=1e-4)
+    emb_grad, class_grad = grads(loss, emb, class_emb)
+    assert torch.isfinite(emb_grad).all() and torch.isfinite(class_grad).all()
+
+
+def test_small_vocabulary_below_the_size_threshold_or_large_vocabulary_takes_differences():
+    from embseg.ess import PRODUCT_PATH_MIN_ELEMENTS, uses_products
+
+    assert not uses_products(10, 8, 32, 50)  # tiny batch: the copy is cheap
+    pixels = PRODUCT_PATH_MIN_ELEMENTS  # a big batch of a large vocabulary
+    assert not uses_products(pixels, 8, 32, 2 * 8 * 32 + 1)
+    assert uses_products(pixels, 8, 32, 2 * 8 * 32)
+
+
 def test_target_is_never_its_own_negative_even_when_nearest():
     # every pixel sits exactly on its target's embedding: the target is its nearest class
     class_emb = leaf(unit(10, 6, seed=30))
