@@ -70,6 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=7)
     p.add_argument("--temperature", type=float, default=20.0)
     p.add_argument("--margin", type=float, default=0.2)
+    p.add_argument("--embed-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="parameter-free BatchNorm on the embedding head's last conv "
+                        "(keeps pixel embeddings from collapsing onto one direction)")
+    p.add_argument("--dropout", type=float, default=0.5,
+                   help="dropout of the ASPP projection (0.5 as in torchvision; 0 learns "
+                        "faster in runs of a few hundred steps)")
+    p.add_argument("--backbone-lr-mult", type=float, default=0.1,
+                   help="backbone learning rate / --lr (0.1 for pretrained weights; 1.0 "
+                        "suits a backbone trained from scratch)")
+    p.add_argument("--class-lr-mult", type=float, default=30.0,
+                   help="class-table learning rate / --lr (the table is used L2-normalised, "
+                        "which slows its rows down by ~||row||^2)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--crop-size", type=int, default=256)

@@ -2,7 +2,8 @@
 
 One readable loop (nanoGPT style), configured by one dataclass, :class:`TrainConfig`:
 SGD (momentum 0.9, weight decay 1e-4), poly learning rate (power 0.9) over ``steps``, the
-backbone at 0.1 x the learning rate, bf16 autocast on CUDA only, the paper's augmentation.
+backbone at ``backbone_lr_mult`` (0.1) x the learning rate and the class table of the
+embedding head at ``class_lr_mult`` x it, bf16 autocast on CUDA only, the paper's augmentation.
 
 Run directory ``RUN`` (``--out``):
 
@@ -57,8 +58,13 @@ POLY_POWER = 0.9
 
 RUN_DEFINING_FIELDS = ("head", "backbone", "output_stride", "embed_dim", "k", "temperature",
                        "margin", "batch_size", "crop_size", "lr", "num_workers", "seed",
-                       "shuffle_buffer")
+                       "shuffle_buffer", "embed_bn", "dropout", "backbone_lr_mult",
+                       "class_lr_mult")
 """Settings a resumed run must share with the checkpoint (they shape the model or the data)."""
+
+SETTINGS_BEFORE_THEY_WERE_OPTIONS = {"embed_bn": False, "dropout": 0.5,
+                                     "backbone_lr_mult": 0.1, "class_lr_mult": 1.0}
+"""What runs whose checkpoints predate these options did (a resume compares against it)."""
 
 
 @dataclass
@@ -76,6 +82,10 @@ class TrainConfig:
     k: int = 7
     temperature: float = 20.0
     margin: float = 0.2
+    embed_bn: bool = True  # parameter-free BN on the embedding head's last conv
+    dropout: float = 0.5  # of the ASPP projection (torchvision's); short runs learn faster at 0
+    backbone_lr_mult: float = 0.1  # 1.0 suits a backbone trained from scratch (tiny)
+    class_lr_mult: float = 30.0  # the L2-normalised class table turns slowly at the base lr
     steps: int = 1000
     batch_size: int = 8
     crop_size: int = 256
@@ -106,6 +116,8 @@ class TrainConfig:
         """EmbsegError naming the option when a setting is out of range."""
         rules = {"steps": self.steps >= 1, "batch_size": self.batch_size >= 1,
                  "crop_size": self.crop_size >= 8, "lr": self.lr > 0,
+                 "backbone_lr_mult": self.backbone_lr_mult >= 0,
+                 "class_lr_mult": self.class_lr_mult >= 0,
                  "num_workers": self.num_workers >= 0, "checkpoint_every": self.checkpoint_every >= 1,
                  "eval_every": self.eval_every is None or self.eval_every >= 1,
                  "on_bad_sample": self.on_bad_sample in BAD_SAMPLE_POLICIES,
@@ -187,9 +199,12 @@ def _build(config: TrainConfig, vocab: Vocabulary, device: torch.device, *, resu
                         num_classes=vocab.num_classes, embed_dim=config.embed_dim,
                         output_stride=config.output_stride, k=config.k,
                         temperature=config.temperature, margin=config.margin,
+                        embed_bn=config.embed_bn, dropout=config.dropout,
                         backbone_weights=None if resuming else config.backbone_weights)
     model.to(device)
-    optimizer = torch.optim.SGD(model.param_groups(config.lr), lr=config.lr, momentum=MOMENTUM,
+    groups = model.param_groups(config.lr, backbone_lr_mult=config.backbone_lr_mult,
+                                class_lr_mult=config.class_lr_mult)
+    optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=MOMENTUM,
                                 weight_decay=WEIGHT_DECAY)
     steps = config.steps
 
@@ -201,7 +216,7 @@ def _build(config: TrainConfig, vocab: Vocabulary, device: torch.device, *, resu
 
 
 def _check_resumable(config: TrainConfig, payload: dict[str, Any]) -> None:
-    stored = payload.get("train_config", {})
+    stored = {**SETTINGS_BEFORE_THEY_WERE_OPTIONS, **payload.get("train_config", {})}
     differing = [f"{name}={getattr(config, name)!r} (checkpoint: {stored.get(name)!r})"
                  for name in RUN_DEFINING_FIELDS
                  if name in stored and stored[name] != getattr(config, name)]
@@ -296,7 +311,7 @@ class _Session:
         batch = next(self.batches)
         images = batch.image.to(self.device, non_blocking=True)
         target = batch.label.to(self.device, non_blocking=True)
-        lr = self.optimizer.param_groups[-1]["lr"]
+        lr = self.optimizer.param_groups[1]["lr"]  # the head's: the base learning rate
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
                             enabled=self.device.type == "cuda"):
             output = self.model(images)

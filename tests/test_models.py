@@ -311,3 +311,90 @@ def test_single_image_training_batch_works_and_keeps_pooling_statistics():
     assert torch.equal(pooling_norm.running_mean, before)
     model(torch.randn(2, 3, 64, 64))
     assert not torch.equal(pooling_norm.running_mean, before)  # batches of 2+ use BN as usual
+
+
+# --------------------------------------------------------------------------- head options
+
+
+def test_embed_bn_head_standardises_the_last_conv_and_gives_unit_embeddings():
+    torch.manual_seed(5)
+    model = build_model(num_classes=9, embed_dim=6, embed_bn=True).train()
+    conv, norm = model.decoder.classifier
+    assert conv.bias is None and isinstance(norm, nn.BatchNorm2d) and not norm.affine
+    images = torch.randn(2, 3, 48, 40)
+    features = model.backbone(images)
+    raw = model.decoder(features["low"], features["high"])
+    # zero mean and unit variance per channel over the batch: no shared component is left
+    torch.testing.assert_close(raw.mean(dim=(0, 2, 3)), torch.zeros(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(raw.var(dim=(0, 2, 3), unbiased=False), torch.ones(6),
+                               atol=1e-3, rtol=0)
+    emb = model(images)
+    assert emb.shape == (2, 6, 48, 40)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(2, 48, 40))
+
+
+def test_embed_bn_is_recorded_and_rebuilds_with_its_weights():
+    torch.manual_seed(6)
+    model = build_model(num_classes=7, embed_dim=8, embed_bn=True)
+    model.train()(torch.randn(2, 3, 32, 32))  # move the running statistics off their init
+    assert model.config["embed_bn"] is True
+    again = build_model(**model.config)
+    again.load_state_dict(model.state_dict())  # strict: the same architecture
+    model.eval(), again.eval()
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again(images), model(images))
+    # the plain head stays the library default (configs without the key rebuild it), and
+    # the softmax head has nothing to standardise
+    assert "embed_bn" not in build_model(num_classes=7).config
+    assert isinstance(build_model(num_classes=7).decoder.classifier, nn.Conv2d)
+    softmax = build_model(num_classes=7, head="softmax", embed_bn=True)
+    assert "embed_bn" not in softmax.config
+    assert isinstance(softmax.decoder.classifier, nn.Conv2d)
+
+
+@pytest.mark.parametrize(("backbone_mult", "class_mult"), [(1.0, 10.0), (0.1, 1.0), (0.5, 3.0)])
+def test_param_groups_apply_the_backbone_and_class_table_multipliers(backbone_mult, class_mult):
+    model = build_model(num_classes=7)
+    groups = model.param_groups(0.02, backbone_lr_mult=backbone_mult, class_lr_mult=class_mult)
+    by_name = {group["name"]: group for group in groups}
+    assert by_name["backbone"]["lr"] == pytest.approx(0.02 * backbone_mult)
+    assert by_name["head"]["lr"] == pytest.approx(0.02)
+    grouped = [id(p) for group in groups for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each exactly once
+    table_group = by_name["class_table"] if class_mult != 1.0 else by_name["head"]
+    assert id(model.class_embeddings) in {id(p) for p in table_group["params"]}
+    if class_mult != 1.0:
+        assert table_group["lr"] == pytest.approx(0.02 * class_mult)
+        assert [id(p) for p in table_group["params"]] == [id(model.class_embeddings)]
+    for group in groups:
+        assert group["lr"] == pytest.approx(0.02 * group["lr_factor"])
+    softmax = build_model(num_classes=7, head="softmax")
+    assert [g["name"] for g in softmax.param_groups(0.02, class_lr_mult=10.0)] == [
+        "backbone", "head"]
+
+
+def test_a_few_sgd_steps_lower_the_loss_with_the_trainer_head_settings():
+    torch.manual_seed(4)
+    model = build_model(num_classes=10, embed_bn=True)
+    images, target = toy_batch(10)
+    optimizer = torch.optim.SGD(model.param_groups(0.05, backbone_lr_mult=1.0,
+                                                   class_lr_mult=10.0), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(15):
+        total, parts = model.loss(model(images), target)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        losses.append(parts["loss"])
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_aspp_dropout_is_a_setting_recorded_when_not_the_default():
+    model = build_model(num_classes=5, dropout=0.0)
+    assert model.decoder.aspp.project[3].p == 0.0 and model.config["dropout"] == 0.0
+    assert build_model(**model.config).decoder.aspp.project[3].p == 0.0
+    default = build_model(num_classes=5)
+    assert default.decoder.aspp.project[3].p == 0.5 and "dropout" not in default.config
+    with pytest.raises(EmbsegError, match="dropout=1.0"):
+        build_model(num_classes=5, dropout=1.0)

@@ -160,6 +160,44 @@ def test_resume_checks_vocabulary_and_settings(shards, reference_run, tmp_path):
         train(_config(shards, run))
 
 
+def test_lr_multipliers_and_embed_bn_reach_the_optimizer_and_the_checkpoint(shards, tmp_path):
+    run = tmp_path / "multipliers"
+    train(_config(shards, run, steps=2, val_shards=None, lr=0.04, backbone_lr_mult=1.0,
+                  class_lr_mult=7.0))
+    payload = torch.load(run / "last.pt", weights_only=True)
+    groups = payload["optimizer"]["param_groups"]
+    assert [group["name"] for group in groups] == ["backbone", "head", "class_table"]
+    assert [group["initial_lr"] for group in groups] == pytest.approx([0.04, 0.04, 0.28])
+    assert len(groups[2]["params"]) == 1  # the class table alone
+    assert payload["model_config"]["embed_bn"] is True  # the trainer's default head
+    assert "decoder.classifier.1.running_var" in payload["model"]
+    rows = _rows(run, "train")
+    assert rows[0]["lr"] == pytest.approx(0.04)  # the logged lr is the base (head) lr
+    plain = tmp_path / "plain"
+    train(_config(shards, plain, steps=1, val_shards=None, embed_bn=False, class_lr_mult=1.0))
+    payload = torch.load(plain / "last.pt", weights_only=True)
+    assert "embed_bn" not in payload["model_config"]
+    assert [g["initial_lr"] for g in payload["optimizer"]["param_groups"]] == pytest.approx(
+        [0.005, 0.05])  # backbone at the default 0.1 x lr, the class table with the head
+
+
+def test_resume_refuses_other_multipliers_and_checkpoints_from_before_the_options(
+        shards, reference_run, tmp_path):
+    run = tmp_path / "run"
+    _resume_copy(reference_run, run, "last.prev.pt")
+    with pytest.raises(EmbsegError, match=r"class_lr_mult=3\.0 \(checkpoint: 30\.0\)"):
+        train(_config(shards, run, class_lr_mult=3.0, resume=True))
+    # a checkpoint written before the options existed trained a plain head, the backbone at
+    # 0.1 x lr and the class table at lr: resuming it with the new defaults is refused
+    payload = torch.load(run / "last.pt", weights_only=True)
+    for name in ("embed_bn", "dropout", "backbone_lr_mult", "class_lr_mult"):
+        del payload["train_config"][name]
+    save_checkpoint(payload, run / "last.pt")
+    with pytest.raises(EmbsegError, match=r"embed_bn=True \(checkpoint: False\).*"
+                                          r"class_lr_mult=30\.0 \(checkpoint: 1\.0\)"):
+        train(_config(shards, run, resume=True))
+
+
 def test_checkpoint_loading_is_weights_only(tmp_path):
     class NotData:
         def __reduce__(self):

@@ -20,8 +20,11 @@ from embseg.models.backbones import BACKBONES, build_backbone, load_backbone_wei
 from embseg.models.deeplab import DeepLabV3PlusDecoder
 
 HEADS = ("embedding", "softmax")
+ASPP_DROPOUT = 0.5
+"""Default dropout of the ASPP projection (torchvision's DeepLabV3)."""
 BACKBONE_LR_FACTOR = 0.1
-"""The backbone trains at this fraction of the base learning rate (DeepLab practice)."""
+"""The backbone trains at this fraction of the base learning rate by default (DeepLab
+practice for pretrained backbones; a backbone trained from scratch wants 1.0)."""
 
 DECODER_WIDTHS = {"tiny": (96, 24)}
 """(ASPP/decoder channels, low-level projection channels) per backbone; default (256, 48).
@@ -51,6 +54,7 @@ class SegmentationModel(nn.Module):
         self.k: int = int(config["k"])
         self.temperature: float = float(config["temperature"])
         self.margin: float = float(config["margin"])
+        self.embed_bn: bool = bool(config.get("embed_bn", False))
         if self.head_type == "embedding":
             table = torch.empty(self.num_classes, self.embed_dim).uniform_(-1.0, 1.0)
             self.class_embeddings = nn.Parameter(table)
@@ -69,7 +73,7 @@ class SegmentationModel(nn.Module):
         """The (C, d) class table, each row L2-normalised (float32), as used by loss/predict."""
         if self.class_embeddings is None:
             raise ValueError("the softmax head has no class embeddings")
-        return F.normalize(self.class_embeddings.float(), dim=1)
+        return ess.normalize_rows(self.class_embeddings.float())
 
     def loss(self, output: Tensor, target: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Training loss of ``forward``'s output and its parts as floats (for logging).
@@ -106,21 +110,41 @@ class SegmentationModel(nn.Module):
                 return ess.predict(output.float(), self.normalized_class_embeddings())
             return output.argmax(dim=1)
 
-    def param_groups(self, lr: float) -> list[dict[str, Any]]:
-        """Optimizer groups: backbone at ``lr * 0.1``, the rest (ASPP, decoder, head, class
-        table) at ``lr``. Each group also carries ``name`` and ``lr_factor``."""
+    def param_groups(self, lr: float, *, backbone_lr_mult: float = BACKBONE_LR_FACTOR,
+                     class_lr_mult: float = 1.0) -> list[dict[str, Any]]:
+        """Optimizer groups: backbone at ``lr * backbone_lr_mult``, the rest (ASPP, decoder,
+        head) at ``lr``; the class table at ``lr * class_lr_mult``, in a third group of its
+        own when that multiplier is not 1 (else with the head). Each group also carries
+        ``name`` and ``lr_factor``.
+
+        Why a class-table multiplier: the table is used L2-normalised, so the gradient that
+        reaches a raw row is scaled by ``1 / ||row||`` and its angular step by
+        ``1 / ||row||^2``. Rows drawn uniformly from ``[-1, 1]^d`` have ``||row||^2 ~ d / 3``
+        (about 11 at d = 32) and grow as SGD steps add orthogonal components, so at the
+        shared learning rate the class embeddings turn an order of magnitude slower than the
+        network's own weights.
+        """
         backbone = [p for p in self.backbone.parameters() if p.requires_grad]
-        backbone_ids = {id(p) for p in backbone}
-        head = [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids]
-        return [
-            {"params": backbone, "lr": lr * BACKBONE_LR_FACTOR, "lr_factor": BACKBONE_LR_FACTOR,
+        excluded = {id(p) for p in backbone}
+        table = []
+        if self.class_embeddings is not None and class_lr_mult != 1.0:
+            table = [self.class_embeddings] if self.class_embeddings.requires_grad else []
+            excluded.add(id(self.class_embeddings))
+        head = [p for p in self.parameters() if p.requires_grad and id(p) not in excluded]
+        groups = [
+            {"params": backbone, "lr": lr * backbone_lr_mult, "lr_factor": backbone_lr_mult,
              "name": "backbone"},
             {"params": head, "lr": lr, "lr_factor": 1.0, "name": "head"},
         ]
+        if table:
+            groups.append({"params": table, "lr": lr * class_lr_mult,
+                           "lr_factor": class_lr_mult, "name": "class_table"})
+        return groups
 
 
 def _check_model_args(*, backbone: str, head: str, num_classes: int, embed_dim: int, k: int,
-                      temperature: float, margin: float, output_stride: int) -> None:
+                      temperature: float, margin: float, output_stride: int,
+                      dropout: float = ASPP_DROPOUT) -> None:
     """EmbsegError naming the option when a model setting is out of range."""
     problems = {
         "backbone": (backbone in BACKBONES, f"one of {', '.join(BACKBONES)}"),
@@ -131,10 +155,11 @@ def _check_model_args(*, backbone: str, head: str, num_classes: int, embed_dim: 
         "temperature": (temperature > 0, "positive"),
         "margin": (margin >= 0, "zero or positive"),
         "output_stride": (output_stride in (8, 16), "8 or 16"),
+        "dropout": (0 <= dropout < 1, "in [0, 1)"),
     }
     values = {"backbone": backbone, "head": head, "num_classes": num_classes,
               "embed_dim": embed_dim, "k": k, "temperature": temperature, "margin": margin,
-              "output_stride": output_stride}
+              "output_stride": output_stride, "dropout": dropout}
     for name, (ok, wanted) in problems.items():
         if not ok:
             raise EmbsegError(f"model setting {name}={values[name]!r}: must be {wanted}")
@@ -142,20 +167,31 @@ def _check_model_args(*, backbone: str, head: str, num_classes: int, embed_dim: 
 
 def build_model(*, backbone: str = "tiny", head: str = "embedding", num_classes: int,
                 embed_dim: int = 32, output_stride: int = 16, backbone_weights: Path | None = None,
-                k: int = 7, temperature: float = 20.0, margin: float = 0.2) -> SegmentationModel:
+                k: int = 7, temperature: float = 20.0, margin: float = 0.2,
+                embed_bn: bool = False, dropout: float = ASPP_DROPOUT) -> SegmentationModel:
     """DeepLabV3+ with the given backbone and head for ``num_classes`` classes.
 
     ``backbone_weights`` is a local torchvision-format state dict for the backbone (nothing is
-    downloaded); ``k``, ``temperature`` and ``margin`` parametrise the ESS loss. The returned
-    model's ``config`` holds every other argument, so ``build_model(**model.config)``
-    rebuilds it.
+    downloaded); ``k``, ``temperature`` and ``margin`` parametrise the ESS loss. ``embed_bn``
+    (embedding head only) standardises the last conv's d outputs with a parameter-free
+    BatchNorm before upsampling and L2-normalisation (see
+    :class:`~embseg.models.deeplab.DeepLabV3PlusDecoder`). The trainer turns it on by
+    default; here the plain head is the default and ``config`` records ``embed_bn`` only when
+    it is on, so that configs written before the option existed rebuild their own
+    architecture. ``dropout`` is the ASPP projection's dropout probability (recorded, for the
+    same reason, only when it is not the default 0.5). The returned model's ``config`` holds
+    every other argument, so ``build_model(**model.config)`` rebuilds it.
     """
     _check_model_args(backbone=backbone, head=head, num_classes=num_classes,
                       embed_dim=embed_dim, k=k, temperature=temperature, margin=margin,
-                      output_stride=output_stride)
+                      output_stride=output_stride, dropout=dropout)
     config = {"backbone": backbone, "head": head, "num_classes": int(num_classes),
               "embed_dim": int(embed_dim), "output_stride": int(output_stride), "k": int(k),
               "temperature": float(temperature), "margin": float(margin)}
+    if embed_bn and head == "embedding":  # recorded only when on: plain configs stay as before
+        config["embed_bn"] = True
+    if float(dropout) != ASPP_DROPOUT:
+        config["dropout"] = float(dropout)
     trunk = build_backbone(name=backbone, output_stride=output_stride)
     if backbone_weights is not None:
         load_backbone_weights(trunk, Path(backbone_weights))
@@ -163,7 +199,8 @@ def build_model(*, backbone: str = "tiny", head: str = "embedding", num_classes:
     decoder = DeepLabV3PlusDecoder(
         high_channels=trunk.high_channels, low_channels=trunk.low_channels,
         out_channels=embed_dim if head == "embedding" else num_classes,
-        output_stride=output_stride, channels=channels, low_level_channels=low_level_channels)
+        output_stride=output_stride, channels=channels, low_level_channels=low_level_channels,
+        normalize_output=config.get("embed_bn", False), dropout=float(dropout))
     return SegmentationModel(backbone=trunk, decoder=decoder, config=config)
 
 
