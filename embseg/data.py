@@ -38,6 +38,7 @@ import logging
 import random
 import re
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,51 +262,178 @@ def _failed_key(member_key: str | None, seen: set[str], missing: list[str]) -> s
     return f"after {member_key}" if member_key is not None else None
 
 
+TAR_BLOCK = 512
+READ_BUFFER_BYTES = 1 << 20
+"""Shards are read front to back through a buffer of this size (few, large reads)."""
+
+_ZERO_BLOCK = bytes(TAR_BLOCK)
+_REGULAR_TYPES = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # WebDataset's metadata members (skipped)
+
+
+class _TarError(Exception):
+    """A shard that cannot be read on: why, and the member being read when it is known."""
+
+    def __init__(self, reason: str, member: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.member = member
+
+
+def _text_field(field: bytes) -> str:
+    """A NUL-terminated header string."""
+    end = field.find(b"\0")
+    return (field if end < 0 else field[:end]).decode("utf-8", "surrogateescape")
+
+
+def _number_field(field: bytes) -> int:
+    """A numeric header field: octal text, or GNU base-256 when the high bit is set."""
+    if field[0] & 0x80:
+        value = int.from_bytes(field[1:], "big")
+        return value - 256 ** (len(field) - 1) if field[0] == 0xFF else value
+    text = _text_field(field).strip()
+    try:
+        return int(text or "0", 8)
+    except ValueError:
+        raise _TarError("invalid header") from None
+
+
+def _checksum_ok(header: bytes) -> bool:
+    """The header checksum (sum of its bytes, the checksum field read as spaces) matches."""
+    stored = _number_field(header[148:156])
+    unsigned = sum(header) - sum(header[148:156]) + 8 * 32
+    if stored == unsigned:
+        return True
+    signed = unsigned - 256 * sum(1 for byte in header if byte >= 128)
+    signed += 256 * sum(1 for byte in header[148:156] if byte >= 128)
+    return stored == signed
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """``key=value`` records of a PAX extended header (``"<length> key=value\n"`` each)."""
+    records, offset = {}, 0
+    while offset < len(data):
+        space = data.find(b" ", offset)
+        if space < 0:
+            break
+        length = int(data[offset:space] or b"0")
+        if length <= 0:
+            break
+        key, _, value = data[space + 1:offset + length - 1].partition(b"=")
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8",
+                                                                      "surrogateescape")
+        offset += length
+    return records
+
+
+def _read_exact(stream: Any, size: int, member: str | None) -> bytes:
+    data = stream.read(size)
+    if len(data) < size:
+        raise _TarError("unexpected end of data", member)
+    return data
+
+
+def _tar_members(shard: Path) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular member of a tar (plain or gzip), in archive order.
+
+    A small reader instead of ``tarfile`` + WebDataset's generic pipeline (their per-member
+    Python work cost about a third of a millisecond per sample, as much as reading the same
+    images as loose files): one buffered sequential pass, the ustar/GNU/PAX header fields
+    that name and size a member, the header checksum. Raises :class:`_TarError` for an
+    empty file, a bad header or data cut short; a cut at a member boundary reads as a
+    shorter archive, as with ``tarfile`` (the manifest check catches it).
+    """
+    with open(shard, "rb", buffering=READ_BUFFER_BYTES) as raw:
+        stream: Any = raw
+        if raw.peek(2)[:2] == b"\x1f\x8b":
+            import gzip
+
+            stream = gzip.GzipFile(fileobj=raw)
+        long_name: str | None = None
+        pax: dict[str, str] = {}
+        first = True
+        while True:
+            header = stream.read(TAR_BLOCK)
+            if not header:
+                if first:
+                    raise _TarError("empty file")
+                return
+            if len(header) < TAR_BLOCK:
+                raise _TarError("truncated header")
+            if header == _ZERO_BLOCK:
+                return
+            if not _checksum_ok(header):
+                raise _TarError("bad checksum")
+            first = False
+            kind = header[156:157]
+            name = _text_field(header[0:100])
+            if header[257:265] == b"ustar\x0000" and header[345] != 0:
+                name = _text_field(header[345:500]) + "/" + name
+            size = _number_field(header[124:136])
+            if kind not in (b"x", b"g", b"L", b"K"):
+                name = pax.get("path", long_name or name)
+                size = int(pax.get("size", size))
+                long_name, pax = None, {}
+            data = _read_exact(stream, size, name)
+            stream.read(-size % TAR_BLOCK)  # padding to the block
+            if kind == b"x":
+                pax = _pax_records(data)
+            elif kind == b"L":
+                long_name = _text_field(data)
+            elif kind in _REGULAR_TYPES and not _META_MEMBER.match(name):
+                yield name, data
+
+
 def read_shard(shard: Path, expected_keys: list[str] | None = None) -> Iterator[dict | BadItem]:
     """Raw samples of one shard (dicts of bytes with ``__key__``), then BadItems for problems.
 
-    A read error (truncated or corrupt tar, unreadable file) ends the shard with one BadItem
-    naming the member where reading stopped; complete samples before it are kept. Keys that
-    ``expected_keys`` (the manifest) lists but the shard lacks give one BadItem naming the first
-    missing key: a tar cut exactly between members reads as a complete, shorter archive.
+    Members are grouped into samples as WebDataset groups them (key = name up to the first
+    dot of its last path part, part = the rest, lower-cased; consecutive members of one key
+    form one sample). A read error (truncated or corrupt tar, unreadable file, a part twice
+    in one sample) ends the shard with one BadItem naming the member where reading stopped;
+    complete samples before it are kept, the sample being read when it stopped is not. Keys
+    that ``expected_keys`` (the manifest) lists but the shard lacks give one BadItem naming
+    the first missing key: a tar cut exactly between members reads as a complete, shorter
+    archive.
     """
-    errors: list[BaseException] = []
-    last_member: list[str | None] = [None]
-
-    def note_member(name: str) -> bool:
-        last_member[0] = name
-        return True
-
-    def record_error(exc: BaseException) -> bool:
-        errors.append(exc)
-        return False  # stop this shard; samples already complete are still yielded
-
-    dataset = wds.WebDataset([str(shard)], shardshuffle=False, nodesplitter=None,
-                             workersplitter=None, empty_check=False, handler=record_error,
-                             select_files=note_member)
+    url = str(shard)
     seen: set[str] = set()
-    held: dict | None = None  # each sample is held back until it is known to be complete
-    for sample in dataset:
-        if held is not None:
-            yield held
-        held = sample
-        seen.add(sample["__key__"])
-    member_key, suffix = _split_member(last_member[0])
-    if errors and held is not None and held["__key__"] == member_key:
-        if suffix not in held:  # reading stopped inside this sample: it is incomplete
-            seen.discard(member_key)
-            held = None
-    if held is not None:
-        yield held
+    current: dict | None = None
+    last_member: str | None = None
+    error: _TarError | None = None
+    try:
+        for name, data in _tar_members(shard):
+            last_member = name
+            key, suffix = _split_member(name)
+            if key is None:
+                continue
+            if current is not None and current["__key__"] != key:
+                seen.add(current["__key__"])
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key, "__url__": url}
+            if suffix in current:
+                raise _TarError(f"{name}: duplicate file name in tar file", name)
+            current[suffix] = data
+    except _TarError as exc:
+        error = exc
+    except (OSError, EOFError, zlib.error) as exc:  # unreadable file, broken gzip stream
+        error = _TarError(str(exc) or type(exc).__name__)
+    member_key, suffix = _split_member(error.member if error and error.member else last_member)
+    if current is not None:
+        stopped_inside = (error is not None and current["__key__"] == member_key
+                          and suffix not in current)
+        if not stopped_inside:
+            seen.add(current["__key__"])
+            yield current
     missing = [key for key in (expected_keys or []) if key not in seen]
-    if errors:
-        reason = str(errors[0].args[0]) if errors[0].args else type(errors[0]).__name__
-        reason = reason.split(" @ ")[0]
-        yield BadItem(str(shard), _failed_key(member_key, seen, missing),
-                      f"unreadable tar ({reason})")
+    if error is not None:
+        yield BadItem(url, _failed_key(member_key, seen, missing),
+                      f"unreadable tar ({error.reason})")
         return
     if missing:
-        yield BadItem(str(shard), missing[0], f"truncated tar: {len(missing)} sample(s) of the "
+        yield BadItem(url, missing[0], f"truncated tar: {len(missing)} sample(s) of the "
                       f"manifest missing, from this key on")
 
 
@@ -377,6 +505,16 @@ def _epoch_items(shards: list[Path], expected: dict[str, list[str]], *, stream: 
     yield from wds.filters.shuffle(bufsize=shuffle_buffer, initial=shuffle_buffer, rng=rng)(raw())
 
 
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One batch tensor; inside a DataLoader worker it is built straight in shared memory.
+
+    A batch stacked in ordinary memory is copied once more into shared memory when the worker
+    sends it to the main process; ``default_collate`` allocates the shared block first and
+    stacks into it (the loose-file DataLoader path gets the same through its collate).
+    """
+    return torch.utils.data.default_collate(tensors)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training loader
 
@@ -444,7 +582,7 @@ class _TrainStreams(torch.utils.data.IterableDataset):
                 targets.append(target)
                 keys.append(item["__key__"])
                 if len(images) == spec.batch_size:
-                    yield {"image": torch.stack(images), "label": torch.stack(targets),
+                    yield {"image": _stack(images), "label": _stack(targets),
                            "keys": keys, "stream": stream, "state": [epoch, position, bad],
                            "skipped": skipped}
                     images, targets, keys, skipped = [], [], [], []
@@ -620,8 +758,8 @@ class _EvalStreams(torch.utils.data.IterableDataset):
                  skipped: list[str]) -> dict[str, Any]:
         if not pending:
             return {"skipped": skipped}
-        return {"keys": [p[0] for p in pending], "image": torch.stack([p[1] for p in pending]),
-                "label": torch.stack([p[2] for p in pending]), "skipped": skipped}
+        return {"keys": [p[0] for p in pending], "image": _stack([p[1] for p in pending]),
+                "label": _stack([p[2] for p in pending]), "skipped": skipped}
 
 
 class EvalBatches:
