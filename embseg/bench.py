@@ -25,6 +25,21 @@ from typing import Any
 CLASS_COUNTS = (21, 150, 1284, 10_000, 100_000)
 POINT_TIMEOUT_S = 600
 
+POINT_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1",
+             "OMP_WAIT_POLICY": "PASSIVE"}
+"""Environment of every point's subprocess (recorded in the JSON).
+
+glibc serves large blocks from its heap and keeps freed ones, raising its mmap threshold as
+it goes; the resident set then depends on the order of frees and on which thread freed
+what (three runs of the same 100,000-class step of the tiny backbone peaked at 516, 526 and
+588 MiB, and 773 MiB with spinning OpenMP threads). A fixed 64 KiB mmap threshold and one
+arena hand every large block back when it is freed, so the peak RSS is the peak of what the
+step really holds (the setting of the memory test in ``tests/test_ess.py``); every point
+pays the same price in page faults for it. Passive OpenMP threads keep step times meaningful
+on a machine shared with other jobs (with spinning threads that step took 62 s instead of
+19 s under load).
+"""
+
 
 @dataclass(frozen=True)
 class StepSetting:
@@ -49,8 +64,10 @@ class BenchSettings:
     build_images: int = 200
     build_size: int = 128
     loader_images: int = 200
+    loader_rounds: int = 3
     cpu_memory_cap_gib: float = 8.0
     measured_steps: int = 2
+    loss_measured_steps: int | None = None  # None: measured_steps
     notes: list[str] = field(default_factory=list)
 
 
@@ -60,12 +77,15 @@ def settings_for(*, quick: bool, gpu_sizes: bool, device: str) -> BenchSettings:
         steps = [StepSetting("resnet50", 16, 513), StepSetting("resnet101", 16, 513)]
         return BenchSettings(device=device, steps=steps, loss_pixels=(16, 513, 513))
     if quick:
-        # On 2 CPU cores the exact nearest-other-class search of margin_penalty at C = 100,000
-        # (C^2 d = 3.2e11 multiply-adds) takes about a minute per step, so --quick measures
-        # one step after the warm-up and stops the loss-alone sweep at C = 10,000.
-        return BenchSettings(device=device, steps=[StepSetting("tiny", 2, 128)],
-                             loss_classes=CLASS_COUNTS[:-1], loss_pixels=(2, 96, 96),
-                             build_images=800, loader_images=160, measured_steps=1)
+        # ResNet-50 (the paper's backbone, random weights) at 2 x 128 x 128 on 2 CPU cores:
+        # the tiny CPU backbone's activations are so small that the process baseline
+        # (~300 MiB of Python + torch) and the O(C d) class table dominated its peak. At
+        # C = 100,000 the exact nearest-class search over 32,768 pixels costs ~10 s per step
+        # on an idle machine, so training steps get one warm-up and two measured steps, the
+        # loss-alone sweep (18,432 pixels, up to C = 100,000) one measured step.
+        return BenchSettings(device=device, steps=[StepSetting("resnet50", 2, 128)],
+                             loss_pixels=(2, 96, 96), build_images=800, loader_images=640,
+                             loader_rounds=3, measured_steps=2, loss_measured_steps=1)
     return BenchSettings(device=device, steps=[StepSetting("mobilenetv2", 4, 256)],
                          loss_pixels=(4, 256, 256), measured_steps=3)
 
@@ -135,7 +155,7 @@ def _loss_point(spec: dict[str, Any]) -> dict[str, Any]:
 
         def step() -> None:
             emb = F.normalize(raw, dim=1)
-            class_emb = F.normalize(table, dim=1)
+            class_emb = ess.normalize_rows(table)  # as the model normalises its table
             loss = ess.ess_loss(emb, target, class_emb, k=7, temperature=20.0)
             loss = loss + ess.margin_penalty(class_emb, margin=0.2)
             loss.backward()
@@ -192,7 +212,7 @@ def _run_point_child(spec_json: str) -> None:
 def run_point(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one point in a fresh interpreter; a crash for lack of memory counts as OOM."""
     code = "import sys; from embseg.bench import _run_point_child; _run_point_child(sys.argv[1])"
-    env = dict(os.environ, MALLOC_ARENA_MAX="2")
+    env = dict(os.environ, **POINT_ENV)
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True,
                           text=True, timeout=POINT_TIMEOUT_S, env=env)
     if proc.returncode == 0 and proc.stdout.strip():
@@ -230,6 +250,11 @@ def bench_memory(settings: BenchSettings, log) -> list[dict[str, Any]]:
     return rows
 
 
+def _loss_steps(settings: BenchSettings) -> int:
+    return settings.measured_steps if settings.loss_measured_steps is None \
+        else settings.loss_measured_steps
+
+
 def bench_loss(settings: BenchSettings, log) -> list[dict[str, Any]]:
     """Part 2: the loss alone, ess_loss + margin_penalty vs full cross-entropy, vs C."""
     rows = []
@@ -239,7 +264,7 @@ def bench_loss(settings: BenchSettings, log) -> list[dict[str, Any]]:
             spec = {"kind": "loss", "device": settings.device, "head": head, "classes": classes,
                     "embed_dim": 32, "pixels": list(settings.loss_pixels),
                     "cpu_memory_cap_gib": settings.cpu_memory_cap_gib,
-                    "measured_steps": settings.measured_steps}
+                    "measured_steps": _loss_steps(settings)}
             result = run_point(spec)
             row = {"head": head, "classes": classes, "pixels": batch * height * width,
                    "peak_bytes": result["peak_bytes"], "step_seconds": result["step_seconds"]}
@@ -278,21 +303,40 @@ def bench_loader(settings: BenchSettings, workdir: Path, build: dict[str, Any],
 
     Both sides use the same decode and augmentation, batch size, crop size and number of
     DataLoader workers; only the storage differs (sequential tar reads vs a file per read).
+    The two are timed back to back ``loader_rounds`` times, alternating which goes first, and
+    the median of the per-round ratios is the result: on a machine shared with other jobs a
+    single pair of runs can differ by 2x either way.
     """
+    from statistics import median
+
     from embseg.data import loader_throughput
 
     shards = Path(build["shards_dir"])
     figures = {"batch_size": 8, "crop_size": 128, "num_workers": min(2, os.cpu_count() or 1)}
-    shard_ips = loader_throughput(shards, images=settings.loader_images, source="shards",
-                                  **figures)
-    loose_ips = loader_throughput(shards, images=settings.loader_images, source="files",
-                                  loose_dir=workdir / "loose", **figures)
-    log(f"loader shards {shard_ips:8.1f} images/s; loose files {loose_ips:8.1f} images/s")
+
+    def measure(source: str) -> float:
+        extra = {"loose_dir": workdir / "loose"} if source == "files" else {}
+        return loader_throughput(shards, images=settings.loader_images, source=source,
+                                 **figures, **extra)
+
+    shard_runs, loose_runs = [], []
+    for round_index in range(max(1, settings.loader_rounds)):
+        order = ("shards", "files") if round_index % 2 == 0 else ("files", "shards")
+        got = {source: measure(source) for source in order}
+        shard_runs.append(got["shards"])
+        loose_runs.append(got["files"])
+        log(f"loader shards {got['shards']:8.1f} images/s; loose files {got['files']:8.1f} "
+            f"images/s ({got['shards'] / got['files']:.2f}x)")
+    ratios = [a / b for a, b in zip(shard_runs, loose_runs, strict=True)]
     return {"images": settings.loader_images, "batch_size": figures["batch_size"],
             "crop_px": figures["crop_size"], "num_workers": figures["num_workers"],
-            "images_per_second_shards": shard_ips,
-            "images_per_second_loose_files": loose_ips,
-            "speedup_x": shard_ips / loose_ips}
+            "rounds": len(ratios),
+            "images_per_second_shards": median(shard_runs),
+            "images_per_second_loose_files": median(loose_runs),
+            "speedup_x": median(ratios),
+            "rounds_images_per_second_shards": shard_runs,
+            "rounds_images_per_second_loose_files": loose_runs,
+            "rounds_speedup_x": ratios}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,6 +396,31 @@ def softmax_ess_ratio(result: dict[str, Any], classes: int = 1284) -> float | No
     return None if soft is None or ess_peak is None else soft / ess_peak
 
 
+def _memory_notes(result: dict[str, Any]) -> list[str]:
+    """Lines under the training-step table: how peaks were taken, the O(C d) floor, the load."""
+    settings = result.get("settings", {})
+    lines = [""]
+    if settings.get("peak_memory"):
+        steps = settings.get("measured_steps_after_warmup")
+        lines.append(f"Peak: {settings['peak_memory']}, over one warm-up and {steps} measured "
+                     f"step(s); step time: mean of the measured steps. Output stride 16, "
+                     f"embedding d = 32, k = 7, random weights.")
+    if settings.get("point_env"):
+        env = " ".join(f"{k}={v}" for k, v in settings["point_env"].items())
+        lines.append(f"Subprocess environment: `{env}`.")
+    floor = result.get("class_table_floor_bytes")
+    if floor:
+        top = max(r["classes"] for r in result["memory"])
+        lines.append(f"O(C d) floor of the ESS head at C = {top:,}: table + gradient + SGD "
+                     f"momentum + one normalised copy or its gradient = {floor / 2**20:.1f} MiB.")
+    before, after = (result.get("load_average_1_5_15_before"),
+                     result.get("load_average_1_5_15_after"))
+    if before and after:
+        lines.append(f"Load average (1/5/15 min) before: {', '.join(f'{v:.2f}' for v in before)}; "
+                     f"after: {', '.join(f'{v:.2f}' for v in after)}.")
+    return lines
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     """The benchmark as markdown tables (memory, loss, build, loader, goals)."""
     lines = [f"# embseg bench ({result['device']}, {result['date']})", "",
@@ -369,6 +438,7 @@ def to_markdown(result: dict[str, Any]) -> str:
                 f"{_fmt_seconds(_point(rows, 'ess', classes, 'step_seconds'))} | "
                 f"{_fmt_bytes(_point(rows, 'softmax', classes, 'peak_bytes'))} | "
                 f"{_fmt_seconds(_point(rows, 'softmax', classes, 'step_seconds'))} |")
+    lines += _memory_notes(result)
     loss = result["loss"]
     if loss:
         lines += ["", f"## Loss alone ({loss[0]['pixels']:,} pixels, forward + backward)", "",
@@ -391,7 +461,10 @@ def to_markdown(result: dict[str, Any]) -> str:
         ld = result["loader"]
         lines += ["", "## Training input pipeline (decode + augment)", "",
                   f"Shards: {ld['images_per_second_shards']:.1f} images/s; loose JPEG/PNG files: "
-                  f"{ld['images_per_second_loose_files']:.1f} images/s ({ld['speedup_x']:.2f}x)."]
+                  f"{ld['images_per_second_loose_files']:.1f} images/s ({ld['speedup_x']:.2f}x)"
+                  + (f", medians of {ld['rounds']} back-to-back rounds (ratios "
+                     + ", ".join(f"{r:.2f}" for r in ld["rounds_speedup_x"]) + ")"
+                     if ld.get("rounds_speedup_x") else "") + "."]
     ratio = result.get("softmax_over_ess_memory_at_1284")
     lines += ["", "## Goals", ""]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {name} ({detail})" for name, ok, detail in goals(result)]
@@ -439,6 +512,29 @@ def device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def settings_record(settings: BenchSettings, *, quick: bool, gpu_sizes: bool
+                    ) -> dict[str, Any]:
+    """What the figures were measured with (sizes, steps, subprocess environment), for the JSON."""
+    return {"quick": quick, "gpu_sizes": gpu_sizes,
+            "training_step": [asdict(step) for step in settings.steps],
+            "measured_steps_after_warmup": settings.measured_steps,
+            "loss_pixels_batch_height_width": list(settings.loss_pixels),
+            "loss_measured_steps_after_warmup": _loss_steps(settings),
+            "loss_embed_dim": 32, "ess_k": 7,
+            "cpu_memory_cap_gib": settings.cpu_memory_cap_gib,
+            "point_env": dict(POINT_ENV) if settings.device == "cpu" else {},
+            "peak_memory": ("torch.cuda.max_memory_allocated" if settings.device == "cuda"
+                            else "peak RSS (ru_maxrss) of the point's subprocess"),
+            "build_images": settings.build_images, "build_image_size_px": settings.build_size,
+            "loader_images": settings.loader_images, "loader_rounds": settings.loader_rounds}
+
+
+def class_table_floor_bytes(settings: BenchSettings) -> int:
+    """The ESS head's O(C d) memory at the largest C: the float32 table, its gradient, its SGD
+    momentum and one normalised copy (or, in the backward pass, that copy's gradient)."""
+    return 4 * max(settings.classes) * settings.steps[0].embed_dim * 4
+
+
 def run_bench(*, quick: bool, gpu_sizes: bool, out: Path, json_path: Path | None,
               log=print) -> dict[str, Any]:
     """Run all four parts and write JSON, markdown and the memory plot under ``out``."""
@@ -454,8 +550,10 @@ def run_bench(*, quick: bool, gpu_sizes: bool, out: Path, json_path: Path | None
     started = time.time()
     result: dict[str, Any] = {"device": device_name(device),
                               "date": time.strftime("%Y-%m-%d"),
-                              "settings": {"quick": quick, "gpu_sizes": gpu_sizes},
-                              "units": {"peak_bytes": "bytes", "step_seconds": "seconds"}}
+                              "settings": settings_record(settings, quick=quick,
+                                                          gpu_sizes=gpu_sizes),
+                              "units": {"peak_bytes": "bytes", "step_seconds": "seconds"},
+                              "load_average_1_5_15_before": list(os.getloadavg())}
     result["memory"] = bench_memory(settings, log)
     result["loss"] = bench_loss(settings, log)
     with tempfile.TemporaryDirectory(prefix="embseg-bench-") as tmp:
@@ -464,6 +562,8 @@ def run_bench(*, quick: bool, gpu_sizes: bool, out: Path, json_path: Path | None
         result["build"].pop("shards_dir")
     result["softmax_over_ess_memory_at_1284"] = softmax_ess_ratio(result)
     result["goals"] = [{"goal": n, "passed": ok, "value": d} for n, ok, d in goals(result)]
+    result["class_table_floor_bytes"] = class_table_floor_bytes(settings)
+    result["load_average_1_5_15_after"] = list(os.getloadavg())
     result["total_seconds"] = time.time() - started
     json_path = json_path or out / "bench.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)

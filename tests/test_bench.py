@@ -70,3 +70,20 @@ def test_a_point_that_does_not_fit_is_recorded_as_oom():
             "embed_dim": 8, "pixels": [4, 128, 128], "cpu_memory_cap_gib": 3,
             "measured_steps": 1}
     assert bench.run_point(spec) == {"peak_bytes": None, "step_seconds": None, "oom": True}
+
+
+def test_report_states_sizes_environment_floor_and_load():
+    settings = bench.settings_for(quick=True, gpu_sizes=False, device="cpu")
+    result = _result({21: 2**20, 100_000: 2**21}, {21: 1.0}, {21: 2**20, 100_000: None})
+    result["settings"] = bench.settings_record(settings, quick=True, gpu_sizes=False)
+    result["class_table_floor_bytes"] = bench.class_table_floor_bytes(settings)
+    result["load_average_1_5_15_before"] = [0.5, 0.25, 0.125]
+    result["load_average_1_5_15_after"] = [1.0, 0.5, 0.25]
+    # table, gradient, momentum and one normalised copy: 4 x 100,000 x 32 float32
+    assert result["class_table_floor_bytes"] == 4 * 100_000 * 32 * 4
+    text = bench.to_markdown(result)
+    assert "48.8 MiB" in text and "MALLOC_MMAP_THRESHOLD_=65536" in text
+    assert "before: 0.50, 0.25, 0.12" in text and "peak RSS" in text
+    record = result["settings"]
+    assert record["training_step"][0]["size"] == 128 and record["measured_steps_after_warmup"] >= 1
+    json.dumps(result)

@@ -230,3 +230,83 @@ def test_wrong_labels_are_bad_samples(tmp_path):
     assert [key for batch in skipping for key in batch.keys] == ["000000000002"]
     assert any(f"label id {C + 1} exceeds" in s for s in skipping.skipped)
     assert any("label map is 16x8 but the image is 16x16" in s for s in skipping.skipped)
+
+
+# --------------------------------------------------------------------------- the tar reader
+
+
+def _tarfile_samples(path) -> list[dict]:
+    """Independent reference: Python's tarfile, consecutive members grouped by the name up to
+    the first dot of the last path part (WebDataset's rule; a name without a dot is no
+    sample part), parts lower-cased."""
+    samples: list[dict] = []
+    with tarfile.open(path) as tar:
+        for info in tar:
+            if not info.isreg():
+                continue
+            directory, _, base = info.name.rpartition("/")
+            stem, dot, part = base.partition(".")
+            if not dot:
+                continue
+            key = f"{directory}/{stem}" if directory else stem
+            if not samples or samples[-1]["__key__"] != key:
+                samples.append({"__key__": key})
+            samples[-1][part.lower()] = tar.extractfile(info).read()
+    return samples
+
+
+def _write_tar(path, members: list[tuple[str, bytes]], fmt: int, mode: str = "w") -> None:
+    with tarfile.open(path, mode, format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+@pytest.mark.parametrize("mode", ["w", "w:gz"])
+def test_reader_matches_tarfile_for_long_names_formats_and_gzip(tmp_path, fmt, mode):
+    from embseg.data import read_shard
+
+    rng = np.random.default_rng(3)
+    long_dir = "d" * 120 if fmt != tarfile.USTAR_FORMAT else "d" * 90  # ustar: prefix field
+    members = []
+    for i in range(5):
+        key = f"{long_dir}/{'k' * (30 + i)}{i:04d}" if i % 2 else f"{i:012d}"
+        for part in ("jpg", "JSON", "seg.png"):
+            size = int(rng.integers(0, 3000))
+            members.append((f"{key}.{part}", rng.integers(0, 256, size, dtype=np.uint8).tobytes()))
+    members.append(("__meta__", b"skipped by both"))
+    path = tmp_path / "train-000000.tar"
+    _write_tar(path, members, fmt, mode)
+    got = [dict(item) for item in read_shard(path)]
+    for item in got:
+        assert item.pop("__url__") == str(path)
+    assert got == _tarfile_samples(path)
+
+
+def test_corrupt_header_duplicate_part_and_empty_file_are_reported(tmp_path):
+    from embseg.data import BadItem, read_shard
+
+    (shard,) = write_shards(tmp_path / "a", _good_samples(4), num_classes=C, manifest=False)
+    data = bytearray(shard.read_bytes())
+    data[_member(shard, "000000000002.jpg").offset + 10] ^= 0xFF  # name byte: checksum fails
+    shard.write_bytes(bytes(data))
+    items = list(read_shard(shard))
+    assert [i["__key__"] for i in items[:-1]] == ["000000000000", "000000000001"]
+    assert isinstance(items[-1], BadItem)
+    assert items[-1].key == "after 000000000001" and "bad checksum" in items[-1].reason
+
+    duplicate = tmp_path / "b" / "train-000000.tar"
+    duplicate.parent.mkdir()
+    _write_tar(duplicate, [("0001.jpg", b"x"), ("0001.png", b"y"), ("0001.jpg", b"z")],
+               tarfile.USTAR_FORMAT)
+    first, bad = list(read_shard(duplicate))  # reading stops at the second 0001.jpg
+    assert first["jpg"] == b"x" and first["png"] == b"y"
+    assert isinstance(bad, BadItem) and "duplicate" in bad.reason
+
+    empty = tmp_path / "c" / "train-000000.tar"
+    empty.parent.mkdir()
+    empty.write_bytes(b"")
+    (bad,) = list(read_shard(empty))
+    assert isinstance(bad, BadItem) and bad.reason == "unreadable tar (empty file)"

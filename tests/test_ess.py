@@ -387,3 +387,81 @@ def test_peak_memory_is_flat_in_the_class_count():
     large = peak_loss_memory_kib(50_000, 2, 32, 128)
     assert small > 10_000  # the probe measured the real work (tens of MB), not noise
     assert large <= 1.15 * small, f"peak growth {large} KiB at C=50k vs {small} KiB at C=1284"
+
+
+# --------------------------------------------------------------------------- internals at scale
+
+
+def reference_margin(class_emb: torch.Tensor, margin: float) -> torch.Tensor:
+    """Vectorised definition: full distance matrix, own distance +inf, hinge on the minimum."""
+    squared = (class_emb.unsqueeze(1) - class_emb.unsqueeze(0)).pow(2).sum(dim=2)
+    own = torch.eye(len(class_emb), dtype=torch.bool)  # masked before the sqrt: no NaN grads
+    nearest = squared.masked_fill(own, float("inf")).sqrt().min(dim=1).values
+    return torch.clamp(margin - nearest, min=0.0).mean()
+
+
+@pytest.mark.parametrize("budget", [2**22, 37, 1])
+@pytest.mark.parametrize("margin", [0.0, 0.35, 0.8, 3.0])
+def test_margin_penalty_with_some_classes_inside_the_margin(budget, margin):
+    # 150 classes in 4-d: with margin 0.35 a few are inside, with 0.8 most, with 3.0 all
+    class_emb = leaf(unit(150, 4, seed=70))
+    penalty = margin_penalty(class_emb, margin, budget=budget)
+    reference = reference_margin(class_emb, margin)
+    torch.testing.assert_close(penalty, reference)
+    torch.testing.assert_close(grads(penalty, class_emb)[0], grads(reference, class_emb)[0])
+
+
+def test_nearest_other_squared_distances_score_each_pair_once_exactly():
+    from embseg.ess import _nearest_other_squared_distances
+
+    class_emb = torch.randn(203, 5, generator=torch.Generator().manual_seed(71),
+                            dtype=torch.float64)  # not normalised: norms differ
+    distances = torch.cdist(class_emb, class_emb).pow(2)
+    distances.fill_diagonal_(float("inf"))
+    for budget in (2**22, 64, 7, 1):
+        got = _nearest_other_squared_distances(class_emb, budget=budget)
+        torch.testing.assert_close(got, distances.min(dim=1).values)
+
+
+def test_two_step_top_k_equals_top_k():
+    from embseg.ess import _smallest
+
+    generator = torch.Generator().manual_seed(72)
+    for width in (7, 55, 56, 57, 100, 1284, 4096):
+        for k in (2, 7, 25):
+            if k > width:
+                continue
+            scores = torch.randn(33, width, generator=generator, dtype=torch.float64)
+            scores[:, ::9] = float("inf")  # masked columns, as the exclusion leaves them
+            values, columns = _smallest(scores, k)
+            want_values, want_columns = torch.topk(scores, k, dim=1, largest=False, sorted=True)
+            assert torch.equal(values, want_values) and torch.equal(columns, want_columns)
+
+
+def test_normalize_rows_is_f_normalize_with_its_gradient():
+    from embseg.ess import normalize_rows
+
+    table = torch.randn(40, 6, generator=torch.Generator().manual_seed(73), dtype=torch.float64)
+    table[3] = 0.0  # a zero row: F.normalize divides by eps
+    table = leaf(table)
+    upstream = torch.randn(40, 6, generator=torch.Generator().manual_seed(74),
+                           dtype=torch.float64)
+    got, want = normalize_rows(table), F.normalize(table, dim=1)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, table, upstream)[0],
+                               torch.autograd.grad(want, table, upstream)[0])
+    assert torch.autograd.gradcheck(normalize_rows, (leaf(unit(9, 5, seed=75) * 3.0),))
+
+
+def test_candidate_distances_gradcheck_and_zero_distance():
+    from embseg.ess import candidate_logits
+
+    emb = leaf(unit(30, 4, seed=76))
+    class_emb = leaf(unit(12, 4, seed=77))
+    candidates = torch.randint(0, 12, (30, 5), generator=torch.Generator().manual_seed(78))
+    assert torch.autograd.gradcheck(lambda e, c: candidate_logits(e, c, candidates, 3.0),
+                                    (emb, class_emb))
+    on_class = leaf(class_emb.detach()[candidates[:, 0]])  # distance 0 to the first candidate
+    logits = candidate_logits(on_class, class_emb, candidates, 3.0)
+    emb_grad, class_grad = grads(logits.sum(), on_class, class_emb)
+    assert torch.isfinite(emb_grad).all() and torch.isfinite(class_grad).all()
