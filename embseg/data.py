@@ -146,10 +146,23 @@ def decode_label(data: bytes) -> np.ndarray:
         return np.asarray(img).astype(np.int32)
 
 
+_NORMALIZED_VALUES = ((np.arange(256, dtype=np.float32)[None, :] / 255.0
+                      - IMAGENET_MEAN[:, None]) / IMAGENET_STD[:, None])
+"""(3, 256) float32: ``(v / 255 - mean[c]) / std[c]`` for every uint8 value v of channel c."""
+
+
 def normalize_image(image: np.ndarray) -> torch.Tensor:
-    """ImageNet-normalised float32 tensor (3, H, W) of an RGB uint8 array (H, W, 3)."""
-    scaled = (image.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-    return torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1)))
+    """ImageNet-normalised float32 tensor (3, H, W) of an RGB uint8 array (H, W, 3).
+
+    ``(image / 255 - mean) / std`` in float32, looked up per channel from a 256-entry table
+    (the same float32 operations, done once per value instead of per pixel) straight into
+    the channel-first layout.
+    """
+    height, width = image.shape[:2]
+    out = np.empty((3, height, width), dtype=np.float32)
+    for channel in range(3):
+        np.take(_NORMALIZED_VALUES[channel], image[:, :, channel], out=out[channel])
+    return torch.from_numpy(out)
 
 
 def label_to_target(label: np.ndarray) -> torch.Tensor:
@@ -174,24 +187,26 @@ def augment(image: np.ndarray, label: np.ndarray, *, crop_size: int,
     scale = rng.uniform(*SCALE_RANGE)
     new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
     image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
-    label = np.asarray(Image.fromarray(label.astype(np.int32)).resize((new_w, new_h),
-                                                                       Image.NEAREST))
+    label = np.asarray(Image.fromarray(np.asarray(label, dtype=np.int32)).resize(
+        (new_w, new_h), Image.NEAREST))
     pad_h, pad_w = max(crop_size, new_h), max(crop_size, new_w)
-    mean_colour = np.round(IMAGENET_MEAN * 255).astype(np.uint8)
-    padded_image = np.empty((pad_h, pad_w, 3), dtype=np.uint8)
-    padded_image[:] = mean_colour
-    padded_image[:new_h, :new_w] = image
-    padded_label = np.zeros((pad_h, pad_w), dtype=np.int32)
-    padded_label[:new_h, :new_w] = label
-    valid = np.zeros((pad_h, pad_w), dtype=bool)
-    valid[:new_h, :new_w] = True
     top = int(rng.integers(0, pad_h - crop_size + 1))
     left = int(rng.integers(0, pad_w - crop_size + 1))
-    window = (slice(top, top + crop_size), slice(left, left + crop_size))
-    image, label, valid = padded_image[window], padded_label[window], valid[window]
+    # the crop window of the padded image, built directly (never the whole padded image):
+    # its part inside the rescaled image, the rest padding
+    rows = max(0, min(crop_size, new_h - top))
+    cols = max(0, min(crop_size, new_w - left))
+    crop_image = np.empty((crop_size, crop_size, 3), dtype=np.uint8)
+    crop_image[:] = np.round(IMAGENET_MEAN * 255).astype(np.uint8)
+    crop_label = np.zeros((crop_size, crop_size), dtype=np.int32)
+    valid = np.zeros((crop_size, crop_size), dtype=bool)
+    crop_image[:rows, :cols] = image[top:top + rows, left:left + cols]
+    crop_label[:rows, :cols] = label[top:top + rows, left:left + cols]
+    valid[:rows, :cols] = True
     if rng.random() < 0.5:
-        image, label, valid = image[:, ::-1], label[:, ::-1], valid[:, ::-1]
-    return np.ascontiguousarray(image), np.ascontiguousarray(label), np.ascontiguousarray(valid)
+        return (np.ascontiguousarray(crop_image[:, ::-1]),
+                np.ascontiguousarray(crop_label[:, ::-1]), np.ascontiguousarray(valid[:, ::-1]))
+    return crop_image, crop_label, valid
 
 
 def _augmented_tensors(image: np.ndarray, label: np.ndarray, *, crop_size: int,
@@ -199,10 +214,8 @@ def _augmented_tensors(image: np.ndarray, label: np.ndarray, *, crop_size: int,
     """Augmented, normalised image (3,S,S) and target (S,S); padding is 0 and ignore."""
     image, label, valid = augment(image, label, crop_size=crop_size, rng=rng)
     padding = torch.from_numpy(~valid)
-    tensor = normalize_image(image)
-    tensor[:, padding] = 0.0
-    target = label_to_target(label)
-    target[padding] = IGNORE_INDEX
+    tensor = normalize_image(image).masked_fill_(padding, 0.0)  # broadcast over channels
+    target = label_to_target(label).masked_fill_(padding, IGNORE_INDEX)
     return tensor, target
 
 
