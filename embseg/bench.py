@@ -421,7 +421,7 @@ def goals(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
     if result.get("loader"):
         speed = result["loader"]["speedup_x"]
         out.append(("shard loader at least as fast as loose files", speed >= 1.0,
-                    f"{speed:.2f}x"))
+                    f"{speed:.3f}x"))
     return out
 
 
@@ -499,7 +499,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         ld = result["loader"]
         lines += ["", "## Training input pipeline (decode + augment)", "",
                   f"Shards: {ld['images_per_second_shards']:.1f} images/s; loose JPEG/PNG files: "
-                  f"{ld['images_per_second_loose_files']:.1f} images/s ({ld['speedup_x']:.2f}x)"
+                  f"{ld['images_per_second_loose_files']:.1f} images/s ({ld['speedup_x']:.3f}x)"
                   + (f", medians of {ld['rounds']} back-to-back rounds (ratios "
                      + ", ".join(f"{r:.2f}" for r in ld["rounds_speedup_x"]) + ")"
                      if ld.get("rounds_speedup_x") else "") + "."]

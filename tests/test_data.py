@@ -310,3 +310,45 @@ def test_corrupt_header_duplicate_part_and_empty_file_are_reported(tmp_path):
     empty.write_bytes(b"")
     (bad,) = list(read_shard(empty))
     assert isinstance(bad, BadItem) and bad.reason == "unreadable tar (empty file)"
+
+
+def _reference_augment(image, label, crop_size, rng):
+    """Independent: rescale, pad the whole image (mean colour / 0), crop, maybe flip."""
+    height, width = label.shape
+    scale = rng.uniform(0.5, 2.0)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    label = np.asarray(Image.fromarray(label.astype(np.int32)).resize(size, Image.NEAREST))
+    pad_h, pad_w = max(crop_size, size[1]), max(crop_size, size[0])
+    padded = np.tile(np.round(MEAN * 255).astype(np.uint8), (pad_h, pad_w, 1))
+    padded[:size[1], :size[0]] = image
+    padded_label = np.zeros((pad_h, pad_w), np.int32)
+    padded_label[:size[1], :size[0]] = label
+    top = int(rng.integers(0, pad_h - crop_size + 1))
+    left = int(rng.integers(0, pad_w - crop_size + 1))
+    image = padded[top:top + crop_size, left:left + crop_size]
+    label = padded_label[top:top + crop_size, left:left + crop_size]
+    if rng.random() < 0.5:
+        image, label = image[:, ::-1], label[:, ::-1]
+    return image, label
+
+
+def test_augment_crop_window_equals_padding_the_whole_image():
+    from embseg.data import augment, normalize_image
+
+    rng = np.random.default_rng(9)
+    for trial in range(60):
+        height, width = (int(v) for v in rng.integers(3, 90, size=2))
+        image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        label = rng.integers(0, C + 1, size=(height, width)).astype(np.int32)
+        crop = int(rng.choice([8, 32, 64]))
+        got_image, got_label, valid = augment(image, label, crop_size=crop,
+                                              rng=np.random.default_rng(trial))
+        want_image, want_label = _reference_augment(image, label, crop,
+                                                    np.random.default_rng(trial))
+        np.testing.assert_array_equal(got_image, want_image)
+        np.testing.assert_array_equal(got_label, want_label)
+        assert valid.any() and valid.shape == (crop, crop)
+        want_norm = ((image.astype(np.float32) / 255.0 - MEAN.astype(np.float32))
+                     / STD.astype(np.float32)).transpose(2, 0, 1)
+        assert np.array_equal(normalize_image(image).numpy(), want_norm)
