@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,13 +81,16 @@ def settings_for(*, quick: bool, gpu_sizes: bool, device: str) -> BenchSettings:
         # ResNet-50 (the paper's backbone, random weights) at 2 x 128 x 128 on 2 CPU cores:
         # the tiny CPU backbone's activations are so small that the process baseline
         # (~300 MiB of Python + torch) and the O(C d) class table dominated its peak. At
-        # C = 100,000 the exact nearest-class search over 32,768 pixels costs ~10 s per step
-        # on an idle machine, so each point runs its memory steps (see _measure), one untimed
-        # step and one measured step; the loss-alone sweep goes to C = 100,000 on 18,432
-        # pixels.
+        # C = 100,000 the exact nearest-class search over 32,768 pixels and the margin
+        # penalty's exact C x C nearest-other search cost ~19 s per step on an idle machine,
+        # so that point runs only its two memory steps and one measured step, and the
+        # loss-alone sweep stops at C = 10,000 (it goes on to 100,000 without --quick) to
+        # keep --quick under 4 minutes. 1,600 build images: a shorter build is timed over
+        # well under a second and its ratio is noise.
         return BenchSettings(device=device, steps=[StepSetting("resnet50", 2, 128)],
-                             loss_pixels=(2, 96, 96), build_images=800, loader_images=640,
-                             loader_rounds=3, measured_steps=1, loss_measured_steps=1)
+                             loss_classes=CLASS_COUNTS[:-1], loss_pixels=(2, 96, 96),
+                             build_images=1600, loader_images=640, loader_rounds=3,
+                             measured_steps=1, loss_measured_steps=1)
     return BenchSettings(device=device, steps=[StepSetting("mobilenetv2", 4, 256)],
                          loss_pixels=(4, 256, 256), measured_steps=3)
 
@@ -193,14 +197,27 @@ def _allocator_keeps_freed_memory() -> bool:
         return False
 
 
+UNTIMED_STEP_MAX_SECONDS = 3.0
+"""Steps slower than this skip the untimed allocator-refill step: its page faults are then a
+small share of a measured step, and at C = 100,000 on CPU one step costs ~20 s."""
+
+MEASURE_SECONDS = 1.5
+MAX_MEASURED_STEPS = 9
+"""Cheap steps are timed repeatedly (until MEASURE_SECONDS of timed steps, at most
+MAX_MEASURED_STEPS) and their median is reported: one step of a few tenths of a second is
+too noisy on a shared CPU for a 1.15x goal."""
+
+
 def _measure(step, device, measured_steps: int, memory_steps: int = 2) -> dict[str, Any]:
-    """Peak memory over ``memory_steps`` steps, then the mean time of ``measured_steps``.
+    """Peak memory over ``memory_steps`` steps, then the median time of the measured steps.
 
     On CUDA the first step is the warm-up and the peak is ``max_memory_allocated`` over all
     steps. On CPU the peak RSS is read after ``memory_steps`` steps (two for a training step:
     SGD's momentum exists from the second on), then the allocator switches to caching
-    (:func:`_allocator_keeps_freed_memory`), one untimed step refills its cache and the
-    measured steps follow.
+    (:func:`_allocator_keeps_freed_memory`) and, for steps cheaper than
+    :data:`UNTIMED_STEP_MAX_SECONDS`, one untimed step refills its cache. At least
+    ``measured_steps`` steps are timed, more while they add up to less than
+    :data:`MEASURE_SECONDS`.
     """
     import torch
 
@@ -208,24 +225,29 @@ def _measure(step, device, measured_steps: int, memory_steps: int = 2) -> dict[s
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    def timed_step() -> float:
+        sync()
+        started = time.perf_counter()
+        step()
+        sync()
+        return time.perf_counter() - started
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         step()  # warm-up
     else:
-        for _ in range(max(1, memory_steps)):
-            step()
+        last = [timed_step() for _ in range(max(1, memory_steps))][-1]
         peak = _peak_rss_bytes()
-        if _allocator_keeps_freed_memory():
+        if _allocator_keeps_freed_memory() and last < UNTIMED_STEP_MAX_SECONDS:
             step()  # untimed: the heap grows to its working size
-    sync()
-    started = time.perf_counter()
-    for _ in range(measured_steps):
-        step()
-    sync()
-    seconds = (time.perf_counter() - started) / measured_steps
+    times: list[float] = []
+    while len(times) < max(1, measured_steps) or (
+            sum(times) < MEASURE_SECONDS and len(times) < MAX_MEASURED_STEPS):
+        times.append(timed_step())
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
-    return {"peak_bytes": int(peak), "step_seconds": seconds}
+    return {"peak_bytes": int(peak), "step_seconds": statistics.median(times),
+            "timed_steps": len(times)}
 
 
 def _run_point_child(spec_json: str) -> None:
@@ -280,7 +302,8 @@ def bench_memory(settings: BenchSettings, log) -> list[dict[str, Any]]:
                        "batch": setting.batch, "image_size_px": setting.size,
                        "output_stride": setting.output_stride,
                        "peak_bytes": result["peak_bytes"],
-                       "step_seconds": result["step_seconds"]}
+                       "step_seconds": result["step_seconds"],
+                       "timed_steps": result.get("timed_steps")}
                 rows.append(row)
                 log(f"step   {head_name:7s} {setting.backbone:11s} C={classes:>7d} "
                     f"{_fmt_bytes(row['peak_bytes']):>10s} {_fmt_seconds(row['step_seconds'])}")
@@ -304,7 +327,8 @@ def bench_loss(settings: BenchSettings, log) -> list[dict[str, Any]]:
                     "measured_steps": _loss_steps(settings)}
             result = run_point(spec)
             row = {"head": head, "classes": classes, "pixels": batch * height * width,
-                   "peak_bytes": result["peak_bytes"], "step_seconds": result["step_seconds"]}
+                   "peak_bytes": result["peak_bytes"], "step_seconds": result["step_seconds"],
+                   "timed_steps": result.get("timed_steps")}
             rows.append(row)
             log(f"loss   {head:7s} C={classes:>7d} {_fmt_bytes(row['peak_bytes']):>10s} "
                 f"{_fmt_seconds(row['step_seconds'])}")
@@ -438,11 +462,13 @@ def _memory_notes(result: dict[str, Any]) -> list[str]:
     settings = result.get("settings", {})
     lines = [""]
     if settings.get("peak_memory"):
-        steps = settings.get("measured_steps_after_warmup")
         lines.append(f"Peak: {settings['peak_memory']} over the first two steps (SGD momentum "
-                     f"exists from the second); step time: mean of {steps} step(s) after those "
-                     f"and one untimed step with the allocator caching freed blocks. Output "
-                     f"stride 16, embedding d = 32, k = 7, random weights.")
+                     f"exists from the second); step time: median of the steps timed after "
+                     f"those (at least {settings.get('measured_steps_after_warmup')}, more up "
+                     f"to {MEASURE_SECONDS:g} s of steps, at most {MAX_MEASURED_STEPS}), with "
+                     f"the allocator caching freed blocks (one untimed step first for steps "
+                     f"under {UNTIMED_STEP_MAX_SECONDS:g} s). Output stride 16, embedding "
+                     f"d = 32, k = 7, random weights.")
     if settings.get("point_env"):
         env = " ".join(f"{k}={v}" for k, v in settings["point_env"].items())
         lines.append(f"Subprocess environment: `{env}`.")

@@ -145,31 +145,44 @@ def _block_view(buffer: Tensor, rows: int, cols: int) -> Tensor:
     return buffer[:rows * cols].view(rows, cols)
 
 
-def _knn_rows(queries: Tensor, class_emb: Tensor, squared_norms: Tensor, k: int, cols: int,
-              exclude: Tensor | None, buffer: Tensor) -> Tensor:
-    """Nearest ``k`` classes of one block of augmented queries, ``cols`` classes at a time.
+def _search_slices(queries: Tensor, class_emb: Tensor, squared_norms: Tensor, k: int,
+                   rows: int, cols: int, exclude: Tensor | None) -> Tensor:
+    """Nearest ``k`` classes of every augmented query, ``rows`` x ``cols`` scores at a time.
 
-    Every block's scores are written into ``buffer`` (allocated once per search): a fresh
-    block per class slice would be thousands of large allocations per call, each one paged
-    in again when the allocator hands large blocks back to the system.
+    Class slices are the outer loop, so that each slice's augmented rows
+    (:func:`_augmented_classes`) are built once per search rather than once per row block;
+    the running best of every query, (N, k) like the result, is merged slice by slice.
+    Every block's scores are written into one scratch buffer allocated once per search: a
+    fresh block per step would be thousands of large allocations per call, each one paged in
+    again when the allocator hands large blocks back to the system.
     """
     n_rows, n_classes = queries.shape[0], class_emb.shape[0]
-    best_scores = queries.new_empty((n_rows, 0))
-    best_ids = torch.empty((n_rows, 0), dtype=torch.long, device=queries.device)
-    for start in range(0, n_classes, cols):
-        stop = min(n_classes, start + cols)
-        scores = torch.mm(queries, _augmented_classes(class_emb[start:stop],
-                                                      squared_norms[start:stop]).t(),
-                          out=_block_view(buffer, n_rows, stop - start))
-        if exclude is not None:
-            _mask_excluded(scores, exclude - start)
-        block_scores, block_pos = _smallest(scores, min(k, stop - start))
-        del scores
-        if best_ids.shape[1] == 0:
-            best_scores, best_ids = block_scores, block_pos + start
-        else:
-            best_scores, best_ids = _merge_topk(best_scores, best_ids, block_scores,
-                                                block_pos + start, k)
+    buffer = queries.new_empty(rows * cols)
+    best_scores = queries.new_full((n_rows, k), float("inf"))  # no candidate yet
+    best_ids = torch.zeros((n_rows, k), dtype=torch.long, device=queries.device)
+    for col_start in range(0, n_classes, cols):
+        col_stop = min(n_classes, col_start + cols)
+        classes = _augmented_classes(class_emb[col_start:col_stop],
+                                     squared_norms[col_start:col_stop]).t()
+        slice_k = min(k, col_stop - col_start)
+        for row_start in range(0, n_rows, rows):
+            row_stop = min(n_rows, row_start + rows)
+            scores = torch.mm(queries[row_start:row_stop], classes,
+                              out=_block_view(buffer, row_stop - row_start,
+                                              col_stop - col_start))
+            if exclude is not None:
+                _mask_excluded(scores, exclude[row_start:row_stop] - col_start)
+            block_scores, block_pos = _smallest(scores, slice_k)
+            block_ids = block_pos + col_start
+            if col_start == 0 and slice_k == k:
+                best_scores[row_start:row_stop] = block_scores
+                best_ids[row_start:row_stop] = block_ids
+            else:
+                merged_scores, merged_ids = _merge_topk(best_scores[row_start:row_stop],
+                                                        best_ids[row_start:row_stop],
+                                                        block_scores, block_ids, k)
+                best_scores[row_start:row_stop] = merged_scores
+                best_ids[row_start:row_stop] = merged_ids
     return best_ids
 
 
@@ -260,15 +273,8 @@ def knn_classes(emb: Tensor, class_emb: Tensor, k: int, *, exclude: Tensor | Non
         classes = class_emb.detach().to(dtype)
         squared_norms = _squared_norms(classes)
         rows, cols = _block_shape(n_rows, class_emb.shape[0], budget, emb.device)
-        buffer = classes.new_empty(rows * cols)
-        parts = []
-        for start in range(0, n_rows, rows):
-            stop = min(n_rows, start + rows)
-            queries = _augmented_queries(emb[start:stop].detach().to(dtype))
-            block_exclude = None if exclude is None else exclude[start:stop]
-            parts.append(_knn_rows(queries, classes, squared_norms, k, cols, block_exclude,
-                                   buffer))
-        return torch.cat(parts, dim=0)
+        queries = _augmented_queries(emb.detach().to(dtype))  # (N, d + 1), like emb
+        return _search_slices(queries, classes, squared_norms, k, rows, cols, exclude)
 
 
 def _euclidean(diff: Tensor) -> Tensor:

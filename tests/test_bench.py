@@ -61,7 +61,18 @@ def test_one_real_point_runs_in_a_subprocess_and_reports_peak_and_time():
     result = bench.run_point(spec)
     assert result["peak_bytes"] > 10 * 2**20  # a Python + torch process
     assert result["step_seconds"] > 0
+    assert result["timed_steps"] == bench.MAX_MEASURED_STEPS  # a cheap step is repeated
     json.dumps(result)
+
+
+def test_cheap_steps_are_timed_repeatedly_after_the_memory_and_untimed_steps():
+    import torch
+
+    calls = []
+    result = bench._measure(lambda: calls.append(1), torch.device("cpu"), 1, memory_steps=2)
+    untimed = 1 if bench._allocator_keeps_freed_memory() else 0
+    assert len(calls) == 2 + untimed + bench.MAX_MEASURED_STEPS
+    assert result["timed_steps"] == bench.MAX_MEASURED_STEPS and result["step_seconds"] >= 0
 
 
 def test_a_point_that_does_not_fit_is_recorded_as_oom():
