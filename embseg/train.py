@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, fields
@@ -48,6 +47,7 @@ from embseg.checkpoint import (
 from embseg.data import BAD_SAMPLE_POLICIES, LoaderState, TrainBatches, train_loader
 from embseg.errors import EmbsegError
 from embseg.evaluate import EvalReport, evaluate_model, resolve_device, shard_vocabulary
+from embseg.fileio import write_text_atomically
 from embseg.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -158,9 +158,7 @@ class MetricsLog:
     def truncate(self, step: int) -> None:
         """Keep rows up to ``step`` (rewritten atomically); rows after it will be redone."""
         kept = [row for row in self.rows() if row.get("step", 0) <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        os.replace(tmp, self.path)
+        write_text_atomically(self.path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def append(self, row: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as handle:
