@@ -286,19 +286,25 @@ def toy_batch(num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images, target
 
 
+def _sgd_losses(model, optimizer, images, target, *, steps: int) -> list[float]:
+    """The training loss of each of ``steps`` SGD steps on one batch."""
+    losses = []
+    for _ in range(steps):
+        total, parts = model.loss(model(images), target)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        losses.append(parts["loss"])
+    return losses
+
+
 @pytest.mark.parametrize("head", ["embedding", "softmax"])
 def test_a_few_sgd_steps_lower_the_loss(head):
     torch.manual_seed(4)
     model = build_model(num_classes=10, head=head)
     images, target = toy_batch(10)
     optimizer = torch.optim.SGD(model.param_groups(0.05), lr=0.05, momentum=0.9)
-    losses = []
-    for _ in range(15):
-        total, parts = model.loss(model(images), target)
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        losses.append(parts["loss"])
+    losses = _sgd_losses(model, optimizer, images, target, steps=15)
     assert losses[-1] < 0.7 * losses[0], losses
 
 
@@ -380,13 +386,7 @@ def test_a_few_sgd_steps_lower_the_loss_with_the_trainer_head_settings():
     images, target = toy_batch(10)
     optimizer = torch.optim.SGD(model.param_groups(0.05, backbone_lr_mult=1.0,
                                                    class_lr_mult=10.0), lr=0.05, momentum=0.9)
-    losses = []
-    for _ in range(15):
-        total, parts = model.loss(model(images), target)
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        losses.append(parts["loss"])
+    losses = _sgd_losses(model, optimizer, images, target, steps=15)
     assert losses[-1] < 0.7 * losses[0], losses
 
 
