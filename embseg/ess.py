@@ -468,7 +468,8 @@ def _tile_side(n_classes: int, budget: int, device: torch.device) -> int:
 
 
 def _nearest_other_squared_distances(class_emb: Tensor, *,
-                                    budget: int = DISTANCE_BLOCK_ELEMENTS) -> Tensor:
+                                    budget: int = DISTANCE_BLOCK_ELEMENTS,
+                                    squared_norms: Tensor | None = None) -> Tensor:
     """(C,) squared distance of each class to its nearest other class, without gradient.
 
     Each unordered pair is scored once: square tiles on and above the block diagonal, each
@@ -478,14 +479,17 @@ def _nearest_other_squared_distances(class_emb: Tensor, *,
     of augmented rows (float32 at least), clamped at 0; only values are kept (a column
     minimum with its index is several times slower on CPU than one without), which is all
     the margin hinge needs to tell which classes may be inside the margin.
+    ``squared_norms`` may pass the rows' ``||c||^2`` (float32 at least) when the caller
+    already has them.
     """
     num_classes = class_emb.shape[0]
     dtype = torch.promote_types(class_emb.dtype, torch.float32)
     classes = class_emb.detach().to(dtype)
-    squared_norms = _squared_norms(classes)
+    if squared_norms is None:
+        squared_norms = _squared_norms(classes)
     best = torch.full((num_classes,), float("inf"), dtype=dtype, device=classes.device)
     side = _tile_side(num_classes, budget, classes.device)
-    buffer = classes.new_empty(side * side)  # every tile's scores (see _knn_rows)
+    buffer = classes.new_empty(side * side)  # every tile's scores (see _search_slices)
     for row_start in range(0, num_classes, side):
         row_stop = min(num_classes, row_start + side)
         rows = classes[row_start:row_stop]
@@ -512,8 +516,11 @@ def _nearest_other_squared_distances(class_emb: Tensor, *,
 
 def _classes_near_the_margin(class_emb: Tensor, margin: float, budget: int) -> Tensor:
     """Indices of the classes whose nearest other class may lie closer than ``margin``."""
-    squared = _nearest_other_squared_distances(class_emb, budget=budget)
-    scale = 4.0 * float(_squared_norms(class_emb.detach().to(squared.dtype)).max())
+    dtype = torch.promote_types(class_emb.dtype, torch.float32)
+    squared_norms = _squared_norms(class_emb.detach().to(dtype))
+    squared = _nearest_other_squared_distances(class_emb, budget=budget,
+                                               squared_norms=squared_norms)
+    scale = 4.0 * float(squared_norms.max())
     threshold = float(margin) ** 2 + MARGIN_SLACK * max(scale, 1e-12)
     return torch.nonzero(squared <= threshold).squeeze(1)
 
