@@ -368,8 +368,6 @@ def bench_loader(settings: BenchSettings, workdir: Path, build: dict[str, Any],
     the median of the per-round ratios is the result: on a machine shared with other jobs a
     single pair of runs can differ by 2x either way.
     """
-    from statistics import median
-
     from embseg.data import loader_throughput
 
     shards = Path(build["shards_dir"])
@@ -392,9 +390,9 @@ def bench_loader(settings: BenchSettings, workdir: Path, build: dict[str, Any],
     return {"images": settings.loader_images, "batch_size": figures["batch_size"],
             "crop_px": figures["crop_size"], "num_workers": figures["num_workers"],
             "rounds": len(ratios),
-            "images_per_second_shards": median(shard_runs),
-            "images_per_second_loose_files": median(loose_runs),
-            "speedup_x": median(ratios),
+            "images_per_second_shards": statistics.median(shard_runs),
+            "images_per_second_loose_files": statistics.median(loose_runs),
+            "speedup_x": statistics.median(ratios),
             "rounds_images_per_second_shards": shard_runs,
             "rounds_images_per_second_loose_files": loose_runs,
             "rounds_speedup_x": ratios}
