@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	# lvis depends on opencv-python, which needs libGL at import; swap in the headless build.
 	$(PY) -m pip uninstall -q -y opencv-python || true
 	$(PY) -m pip install -q --force-reinstall --no-deps opencv-python-headless
-	$(PY) -c "import lvis, cv2, torch, ray, prefect, webdataset, pycocotools"
+	$(PY) -c "import lvis, cv2, torch, ray, prefect, webdataset, pycocotools, numba"
 	touch $(STAMP)
 
 demo: setup

@@ -3,12 +3,18 @@
 Each sub-command's options are declared here; the work is done by a ``cli_*`` function in the
 stage's own module, imported only when that command runs (so ``embseg vocab`` does not import
 torch). Fatal input problems surface as one line on stderr and exit code 2.
+
+Idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``, set before torch
+loads, as the flows do; export the variable to choose otherwise): spinning threads compete
+with the CPU loss kernels' threads and with other work on a shared CPU (the nearest-class
+search at 1,284 classes took 0.07-0.13 s instead of 0.07 s).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -126,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``embseg`` console script; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before the command imports torch
     module_name, func_name = args._target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     try:

@@ -25,6 +25,15 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True, params=["compiled", "torch"])
+def code_path(request, monkeypatch):
+    """Every test twice: with the compiled CPU kernels, and with the torch code GPUs run."""
+    from embseg.ess import CPU_KERNELS_ENV
+
+    monkeypatch.setenv(CPU_KERNELS_ENV, "1" if request.param == "compiled" else "0")
+    return request.param
+
+
 def unit(*shape: int, dim: int = -1, seed: int = 0) -> torch.Tensor:
     """Random L2-normalised float64 vectors (float64: no near-ties between the methods)."""
     generator = torch.Generator().manual_seed(seed)
@@ -84,6 +93,21 @@ def test_knn_matches_brute_force_at_every_chunking(budget):
     for k in (1, 5, 37):
         assert torch.equal(knn_classes(emb, class_emb, k, budget=budget),
                            brute_knn(emb, class_emb, k))
+
+
+def test_knn_and_loss_on_two_threads_match_one_thread():
+    emb = leaf(unit(2, 16, 40, 40, dim=1, seed=5))
+    class_emb = leaf(unit(3000, 16, seed=6))
+    target = torch.randint(-1, 3000, (2, 40, 40), generator=torch.Generator().manual_seed(7))
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)  # the autouse fixture restores the count
+        flat = emb.detach().permute(0, 2, 3, 1).reshape(-1, 16)
+        loss = ess_loss(emb, target, class_emb, k=7, temperature=20.0)
+        results.append((knn_classes(flat, class_emb, 9), loss, *grads(loss, emb, class_emb)))
+    assert torch.equal(results[0][0], brute_knn(flat, class_emb, 9))
+    for one, two in zip(*results, strict=True):
+        torch.testing.assert_close(one, two)
 
 
 def test_knn_huge_class_table_small_budget_keeps_running_topk():
@@ -184,15 +208,12 @@ def direct_ess(emb: torch.Tensor, target: torch.Tensor, class_emb: torch.Tensor,
 
 
 @pytest.mark.parametrize("k", [7, 25])
-def test_large_batch_small_vocabulary_takes_products_and_stays_exact(k):
-    from embseg.ess import uses_products
-
+def test_large_batch_stays_exact(k):
     num_classes, dim = 50, 32
     emb = leaf(unit(4, dim, 32, 32, dim=1, seed=40))
     class_emb = leaf(unit(num_classes, dim, seed=41))
     target = torch.randint(0, num_classes, (4, 32, 32),
                            generator=torch.Generator().manual_seed(4))
-    assert uses_products(4 * 32 * 32, k + 1, dim, num_classes)
     loss = ess_loss(emb, target, class_emb, k=k, temperature=20.0)
     reference = direct_ess(emb, target, class_emb, k, 20.0)
     torch.testing.assert_close(loss, reference)
@@ -201,15 +222,12 @@ def test_large_batch_small_vocabulary_takes_products_and_stays_exact(k):
         torch.testing.assert_close(got, want)
 
 
-def test_products_path_is_finite_when_pixels_sit_on_their_classes():
-    from embseg.ess import uses_products
-
+def test_pixels_sitting_on_their_classes_get_finite_gradients():
     num_classes, dim, k = 40, 32, 7
     class_emb = leaf(unit(num_classes, dim, seed=42).float())
     target = torch.randint(0, num_classes, (4, 32, 32),
                            generator=torch.Generator().manual_seed(5))
     emb = leaf(class_emb.detach()[target].permute(0, 3, 1, 2))  # distance 0 to the target
-    assert uses_products(4 * 32 * 32, k + 1, dim, num_classes)
     loss = ess_loss(emb, target, class_emb, k=k, temperature=20.0)
     reference = direct_ess(emb.double(), target, class_emb.double(), k, 20.0)
     torch.testing.assert_close(loss.double(), reference, atol=1e-4, rtol=1e-4)
@@ -217,13 +235,15 @@ def test_products_path_is_finite_when_pixels_sit_on_their_classes():
     assert torch.isfinite(emb_grad).all() and torch.isfinite(class_grad).all()
 
 
-def test_small_vocabulary_below_the_size_threshold_or_large_vocabulary_takes_differences():
-    from embseg.ess import PRODUCT_PATH_MIN_ELEMENTS, uses_products
-
-    assert not uses_products(10, 8, 32, 50)  # tiny batch: the copy is cheap
-    pixels = PRODUCT_PATH_MIN_ELEMENTS  # a big batch of a large vocabulary
-    assert not uses_products(pixels, 8, 32, 2 * 8 * 32 + 1)
-    assert uses_products(pixels, 8, 32, 2 * 8 * 32)
+def test_mixed_precision_inputs_keep_each_gradient_in_its_own_dtype():
+    emb = leaf(unit(2, 6, 5, 5, dim=1, seed=43).float())
+    class_emb = leaf(unit(30, 6, seed=44))  # float64 table, float32 pixels
+    target = torch.randint(0, 30, (2, 5, 5), generator=torch.Generator().manual_seed(6))
+    loss = ess_loss(emb, target, class_emb, k=5, temperature=20.0)
+    reference = brute_ess(emb.double(), target, class_emb, 5, 20.0)
+    torch.testing.assert_close(loss, reference, atol=1e-5, rtol=1e-5)
+    emb_grad, class_grad = grads(loss, emb, class_emb)
+    assert emb_grad.dtype == torch.float32 and class_grad.dtype == torch.float64
 
 
 def test_target_is_never_its_own_negative_even_when_nearest():
@@ -423,19 +443,33 @@ def test_nearest_other_squared_distances_score_each_pair_once_exactly():
         torch.testing.assert_close(got, distances.min(dim=1).values)
 
 
-def test_two_step_top_k_equals_top_k():
-    from embseg.ess import _smallest
+def test_compiled_running_selection_equals_top_k_over_all_slices():
+    from embseg.cpu_kernels import merge_smallest_
 
     generator = torch.Generator().manual_seed(72)
-    for width in (7, 55, 56, 57, 100, 1284, 4096):
-        for k in (2, 7, 25):
-            if k > width:
-                continue
-            scores = torch.randn(33, width, generator=generator, dtype=torch.float64)
-            scores[:, ::9] = float("inf")  # masked columns, as the exclusion leaves them
-            values, columns = _smallest(scores, k)
-            want_values, want_columns = torch.topk(scores, k, dim=1, largest=False, sorted=True)
-            assert torch.equal(values, want_values) and torch.equal(columns, want_columns)
+    for width, k, slice_width in ((7, 2, 7), (100, 7, 33), (1284, 7, 1284), (4100, 25, 2048)):
+        scores = torch.randn(33, width, generator=generator, dtype=torch.float64)
+        exclude = torch.randint(-1, width, (33,), generator=generator)
+        masked = scores.clone()
+        rows = torch.arange(33)[exclude >= 0]
+        masked[rows, exclude[exclude >= 0]] = float("inf")
+        want_values, want_ids = torch.topk(masked, k, dim=1, largest=False, sorted=True)
+        best_values = torch.full((33, k), float("inf"), dtype=torch.float64)
+        best_ids = torch.zeros((33, k), dtype=torch.long)
+        for start in range(0, width, slice_width):  # slices folded one after another
+            block = scores[:, start:start + slice_width].contiguous()
+            merge_smallest_(block, start, exclude, best_values, best_ids)
+        assert torch.equal(best_values, want_values) and torch.equal(best_ids, want_ids)
+
+
+def test_compiled_selection_keeps_the_lower_class_first_among_equal_scores():
+    from embseg.cpu_kernels import merge_smallest_
+
+    scores = torch.tensor([[3.0, 1.0, 2.0, 1.0, 1.0, 0.5]])
+    best_values = torch.full((1, 3), float("inf"))
+    best_ids = torch.zeros((1, 3), dtype=torch.long)
+    merge_smallest_(scores, 0, torch.tensor([4]), best_values, best_ids)
+    assert best_ids.tolist() == [[5, 1, 3]] and best_values.tolist() == [[0.5, 1.0, 1.0]]
 
 
 def test_normalize_rows_is_f_normalize_with_its_gradient():
