@@ -98,3 +98,36 @@ def test_report_states_sizes_environment_floor_and_load():
     record = result["settings"]
     assert record["training_step"][0]["size"] == 128 and record["measured_steps_after_warmup"] >= 1
     json.dumps(result)
+
+
+def test_step_time_goal_uses_the_alternating_pair_when_the_run_has_one():
+    result = _result({21: 1000, 1284: 1000, 100_000: 1000}, {21: 1.0, 1284: 1.5},
+                     {21: 900, 1284: 5000})
+    assert bench.goals(result)[1][1] is False  # separate processes: 1.5x
+    result["step_time_pairs"] = [
+        {"backbone": "other", "classes": [21, 1284], "rounds": 1, "ratio_x": 2.0,
+         "rounds_ratio_x": [2.0], "step_seconds_low": [1.0], "step_seconds_high": [2.0]},
+        {"backbone": "tiny", "classes": [21, 1284], "rounds": 3, "ratio_x": 1.1,
+         "rounds_ratio_x": [1.2, 1.1, 1.0], "step_seconds_low": [1.0, 1.0, 1.0],
+         "step_seconds_high": [1.2, 1.1, 1.0]}]
+    name, passed, detail = bench.goals(result)[1]
+    assert passed and "C=1284" in name and detail.startswith("1.1x")
+    result["step_time_pairs"][1]["ratio_x"] = 1.16
+    assert bench.goals(result)[1][1] is False
+    text = bench.to_markdown(result)
+    assert "ratio 1.160x (median of 3 rounds: 1.20, 1.10, 1.00)" in text
+    result["step_time_pairs"][1]["ratio_x"] = None  # the pair did not fit: the goal fails
+    assert bench.goals(result)[1][1] is False
+
+
+def test_one_real_step_pair_point_alternates_the_two_models():
+    spec = {"kind": "step_pair", "device": "cpu", "head": "embedding", "classes_pair": [5, 40],
+            "rounds": 3, "cpu_memory_cap_gib": 8, "backbone": "tiny", "batch": 1, "size": 32,
+            "output_stride": 16, "embed_dim": 8}
+    result = bench.run_point(spec)
+    assert result["classes"] == [5, 40] and result["rounds"] == 3
+    assert len(result["step_seconds_low"]) == len(result["step_seconds_high"]) == 3
+    ratios = [b / a for a, b in zip(result["step_seconds_low"], result["step_seconds_high"],
+                                        strict=True)]
+    assert result["rounds_ratio_x"] == ratios
+    assert result["ratio_x"] == sorted(ratios)[1]
