@@ -252,8 +252,9 @@ def _allocator_keeps_freed_memory() -> bool:
 
 
 UNTIMED_STEP_MAX_SECONDS = 3.0
-"""Steps slower than this skip the untimed allocator-refill step: its page faults are then a
-small share of a measured step, and at C = 100,000 on CPU one step costs ~20 s."""
+"""Steps slower than this skip the untimed allocator-refill step, and the last memory step
+counts as the first timed one: page faults are then a small share of a step, and at
+C = 100,000 on CPU one step costs ~10 s."""
 
 MEASURE_SECONDS = 1.5
 MAX_MEASURED_STEPS = 9
@@ -269,9 +270,9 @@ def _measure(step, device, measured_steps: int, memory_steps: int = 2) -> dict[s
     steps. On CPU the peak RSS is read after ``memory_steps`` steps (two for a training step:
     SGD's momentum exists from the second on), then the allocator switches to caching
     (:func:`_allocator_keeps_freed_memory`) and, for steps cheaper than
-    :data:`UNTIMED_STEP_MAX_SECONDS`, one untimed step refills its cache. At least
-    ``measured_steps`` steps are timed, more while they add up to less than
-    :data:`MEASURE_SECONDS`.
+    :data:`UNTIMED_STEP_MAX_SECONDS`, one untimed step refills its cache (slower steps count
+    the last memory step as their first timed one). At least ``measured_steps`` steps are
+    timed, more while they add up to less than :data:`MEASURE_SECONDS`.
     """
     import torch
 
@@ -286,15 +287,17 @@ def _measure(step, device, measured_steps: int, memory_steps: int = 2) -> dict[s
         sync()
         return time.perf_counter() - started
 
+    times: list[float] = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         step()  # warm-up
     else:
         last = [timed_step() for _ in range(max(1, memory_steps))][-1]
         peak = _peak_rss_bytes()
+        if last >= UNTIMED_STEP_MAX_SECONDS:
+            times.append(last)  # a slow step: the last memory step is the first timed one
         if _allocator_keeps_freed_memory() and last < UNTIMED_STEP_MAX_SECONDS:
             step()  # untimed: the heap grows to its working size
-    times: list[float] = []
     while len(times) < max(1, measured_steps) or (
             sum(times) < MEASURE_SECONDS and len(times) < MAX_MEASURED_STEPS):
         times.append(timed_step())
@@ -464,6 +467,11 @@ def bench_loader(settings: BenchSettings, workdir: Path, build: dict[str, Any],
         log(f"loader shards {got['shards']:8.1f} images/s; loose files {got['files']:8.1f} "
             f"images/s ({got['shards'] / got['files']:.2f}x)")
     ratios = [a / b for a, b in zip(shard_runs, loose_runs, strict=True)]
+    cold = _storage_read_rates(shards, workdir / "loose", settings.loader_rounds)
+    if cold:
+        log(f"read   from storage: shards {cold['images_per_second_shards']:8.1f} images/s; "
+            f"loose files {cold['images_per_second_loose_files']:8.1f} images/s "
+            f"({cold['speedup_x']:.2f}x)")
     return {"images": settings.loader_images, "batch_size": figures["batch_size"],
             "crop_px": figures["crop_size"], "num_workers": figures["num_workers"],
             "rounds": len(ratios),
@@ -472,7 +480,69 @@ def bench_loader(settings: BenchSettings, workdir: Path, build: dict[str, Any],
             "speedup_x": statistics.median(ratios),
             "rounds_images_per_second_shards": shard_runs,
             "rounds_images_per_second_loose_files": loose_runs,
-            "rounds_speedup_x": ratios}
+            "rounds_speedup_x": ratios, "storage_read": cold}
+
+
+def _drop_from_page_cache(paths: list[Path]) -> bool:
+    """Ask the kernel to drop the files' cached pages (written back first, so none stays
+    dirty); False where ``posix_fadvise`` does not exist. Nothing but the cache changes."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+def _storage_read_rates(shards_dir: Path, loose_dir: Path, rounds: int
+                        ) -> dict[str, Any] | None:
+    """Samples per second read from storage, without decoding: every shard through the
+    loader's tar reader vs every loose image + label file, each from a dropped page cache.
+
+    The decode + augment comparison above reads both sides from the page cache, where a file
+    open costs microseconds; what shards are for is the read from storage (a file per image
+    and label against a few sequential reads). Rounds alternate which side goes first; the
+    median of their ratios is the result. None where the page cache cannot be dropped.
+    """
+    from embseg.data import BadItem, list_shards, read_shard
+
+    tars = list_shards(shards_dir)
+    loose = sorted(loose_dir.glob("*.jpg"))
+    files = [path for image in loose for path in (image, image.with_suffix(".png"))]
+    if not tars or not files or not _drop_from_page_cache(tars + files):
+        return None
+
+    def shard_rate() -> float:
+        _drop_from_page_cache(tars)
+        started, samples = time.perf_counter(), 0
+        for tar in tars:
+            samples += sum(not isinstance(item, BadItem) for item in read_shard(tar))
+        return samples / (time.perf_counter() - started)
+
+    def file_rate() -> float:
+        _drop_from_page_cache(files)
+        started = time.perf_counter()
+        for path in files:
+            path.read_bytes()
+        return len(loose) / (time.perf_counter() - started)
+
+    shard_runs, loose_runs = [], []
+    for round_index in range(max(1, rounds)):
+        if round_index % 2 == 0:
+            shard_runs.append(shard_rate())
+            loose_runs.append(file_rate())
+        else:
+            loose_runs.append(file_rate())
+            shard_runs.append(shard_rate())
+    ratios = [a / b for a, b in zip(shard_runs, loose_runs, strict=True)]
+    return {"samples": len(loose), "rounds": len(ratios),
+            "images_per_second_shards": statistics.median(shard_runs),
+            "images_per_second_loose_files": statistics.median(loose_runs),
+            "speedup_x": statistics.median(ratios), "rounds_speedup_x": ratios}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,7 +631,8 @@ def _memory_notes(result: dict[str, Any]) -> list[str]:
                      f"those (at least {settings.get('measured_steps_after_warmup')}, more up "
                      f"to {MEASURE_SECONDS:g} s of steps, at most {MAX_MEASURED_STEPS}), with "
                      f"the allocator caching freed blocks (one untimed step first for steps "
-                     f"under {UNTIMED_STEP_MAX_SECONDS:g} s). Output stride 16, embedding "
+                     f"under {UNTIMED_STEP_MAX_SECONDS:g} s; a slower step's last memory step is its "
+                     f"first timed one). Output stride 16, embedding "
                      f"d = 32, k = 7, random weights.")
     if settings.get("point_env"):
         env = " ".join(f"{k}={v}" for k, v in settings["point_env"].items())
@@ -637,6 +708,13 @@ def to_markdown(result: dict[str, Any]) -> str:
                   + (f", medians of {ld['rounds']} back-to-back rounds (ratios "
                      + ", ".join(f"{r:.2f}" for r in ld["rounds_speedup_x"]) + ")"
                      if ld.get("rounds_speedup_x") else "") + "."]
+        cold = ld.get("storage_read")
+        if cold:
+            lines += ["", f"Read from storage alone (page cache dropped, no decoding, all "
+                          f"{cold['samples']} samples): shards "
+                          f"{cold['images_per_second_shards']:.0f} samples/s, loose files "
+                          f"{cold['images_per_second_loose_files']:.0f} samples/s "
+                          f"({cold['speedup_x']:.2f}x, median of {cold['rounds']} rounds)."]
     ratio = result.get("softmax_over_ess_memory_at_1284")
     lines += ["", "## Goals", ""]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {name} ({detail})" for name, ok, detail in goals(result)]

@@ -131,3 +131,32 @@ def test_one_real_step_pair_point_alternates_the_two_models():
                                         strict=True)]
     assert result["rounds_ratio_x"] == ratios
     assert result["ratio_x"] == sorted(ratios)[1]
+
+
+def test_a_slow_step_counts_its_last_memory_step_as_its_first_timed_one(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(bench, "UNTIMED_STEP_MAX_SECONDS", 0.0)  # every step counts as slow
+    monkeypatch.setattr(bench, "MEASURE_SECONDS", 0.0)
+    calls = []
+    result = bench._measure(lambda: calls.append(1), torch.device("cpu"), 3, memory_steps=2)
+    assert len(calls) == 2 + 2  # two memory steps (the second one timed), two more timed
+    assert result["timed_steps"] == 3
+
+
+def test_storage_read_counts_every_sample_on_both_sides(tmp_path):
+    from shardutil import colour_sample, write_shards
+
+    from embseg.data import _export_loose_files
+
+    samples = [colour_sample(key, height=16, width=16, num_classes=5) for key in range(12)]
+    write_shards(tmp_path / "shards", samples, num_classes=5, shard_size=5)
+    _export_loose_files(tmp_path / "shards", tmp_path / "loose")
+    read = bench._storage_read_rates(tmp_path / "shards", tmp_path / "loose", 2)
+    assert read["samples"] == 12 and read["rounds"] == 2 and len(read["rounds_speedup_x"]) == 2
+    assert read["images_per_second_shards"] > 0 and read["images_per_second_loose_files"] > 0
+    assert bench._storage_read_rates(tmp_path / "shards", tmp_path / "empty", 2) is None
+    result = _result({21: 1, 100_000: 1}, {21: 1.0}, {21: 1})
+    result["loader"]["storage_read"] = read
+    assert "Read from storage alone (page cache dropped, no decoding, all 12 samples)" \
+        in bench.to_markdown(result)
