@@ -84,15 +84,15 @@ def settings_for(*, quick: bool, gpu_sizes: bool, device: str) -> BenchSettings:
         # the tiny CPU backbone's activations are so small that the process baseline
         # (~300 MiB of Python + torch) and the O(C d) class table dominated its peak. At
         # C = 100,000 the exact nearest-class search over 32,768 pixels and the margin
-        # penalty's exact C x C nearest-other search cost ~19 s per step on an idle machine,
-        # so that point runs only its two memory steps and one measured step, and the
-        # loss-alone sweep stops at C = 10,000 (it goes on to 100,000 without --quick) to
-        # keep --quick under 4 minutes. 1,600 build images: a shorter build is timed over
-        # well under a second and its ratio is noise.
+        # penalty's exact C x C nearest-other search cost ~10 s per step, so that point runs
+        # only its two memory steps (the second one timed), and the loss-alone sweep stops
+        # at C = 10,000 (it goes on to 100,000 without --quick), five alternating rounds for
+        # the step-time pair, 1,200 build images (a much shorter build is timed over well
+        # under a second and its ratio is noise): --quick stays under 4 minutes.
         return BenchSettings(device=device, steps=[StepSetting("resnet50", 2, 128)],
                              loss_classes=CLASS_COUNTS[:-1], loss_pixels=(2, 96, 96),
-                             build_images=1600, loader_images=640, loader_rounds=3,
-                             measured_steps=1, loss_measured_steps=1)
+                             build_images=1200, loader_images=640, loader_rounds=3,
+                             measured_steps=1, loss_measured_steps=1, step_pair_rounds=5)
     return BenchSettings(device=device, steps=[StepSetting("mobilenetv2", 4, 256)],
                          loss_pixels=(4, 256, 256), measured_steps=3)
 
@@ -806,13 +806,24 @@ def run_bench(*, quick: bool, gpu_sizes: bool, out: Path, json_path: Path | None
                                                           gpu_sizes=gpu_sizes),
                               "units": {"peak_bytes": "bytes", "step_seconds": "seconds"},
                               "load_average_1_5_15_before": list(os.getloadavg())}
-    result["memory"] = bench_memory(settings, log)
-    result["step_time_pairs"] = bench_step_pairs(settings, log)
-    result["loss"] = bench_loss(settings, log)
+    part_seconds: dict[str, float] = {}
+
+    def timed_part(name: str, run):
+        part_started = time.time()
+        value = run()
+        part_seconds[name] = round(time.time() - part_started, 1)
+        return value
+
+    result["memory"] = timed_part("memory", lambda: bench_memory(settings, log))
+    result["step_time_pairs"] = timed_part("step_time_pairs",
+                                           lambda: bench_step_pairs(settings, log))
+    result["loss"] = timed_part("loss", lambda: bench_loss(settings, log))
     with tempfile.TemporaryDirectory(prefix="embseg-bench-") as tmp:
-        result["build"] = bench_build(settings, Path(tmp), log)
-        result["loader"] = bench_loader(settings, Path(tmp), result["build"], log)
+        result["build"] = timed_part("build", lambda: bench_build(settings, Path(tmp), log))
+        result["loader"] = timed_part("loader", lambda: bench_loader(settings, Path(tmp),
+                                                                     result["build"], log))
         result["build"].pop("shards_dir")
+    result["part_seconds"] = part_seconds
     result["softmax_over_ess_memory_at_1284"] = softmax_ess_ratio(result)
     result["goals"] = [{"goal": n, "passed": ok, "value": d} for n, ok, d in goals(result)]
     result["class_table_floor_bytes"] = class_table_floor_bytes(settings)
