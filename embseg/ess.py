@@ -29,8 +29,12 @@ import os
 import torch
 from torch import Tensor
 
-DISTANCE_BLOCK_ELEMENTS = 2**22
-"""Largest (pixels x classes) distance block the search allocates (16 MiB in float32)."""
+DISTANCE_BLOCK_ELEMENTS = 2**25
+"""Largest (pixels x classes) distance block the search allocates (128 MiB in float32; CPUs
+take at most :data:`CPU_SEARCH_BLOCK_ELEMENTS`). On a GPU each block costs a few kernel
+launches whatever its size: at 2**22 a 16 x 513 x 513 batch at C = 1,284 took ~1,300 blocks
+(several thousand launches, tens of milliseconds), at 2**25 ~160. Chosen by that count, not
+yet timed on a GPU."""
 
 CLASS_SLICE = 2048
 """Widest class slice of one block: it bounds the block's size whatever C is, and keeps a
