@@ -439,8 +439,7 @@ def bench_build(settings: BenchSettings, workdir: Path, log) -> dict[str, Any]:
             "shards_dir": str(workdir / f"shards-{all_cores}")}
 
 
-def bench_loader(settings: BenchSettings, workdir: Path, build: dict[str, Any],
-                 log) -> dict[str, Any]:
+def bench_loader(settings: BenchSettings, workdir: Path, shards: Path, log) -> dict[str, Any]:
     """Part 4: training input pipeline (decode + augment) from shards vs from loose files.
 
     Both sides use the same decode and augmentation, batch size, crop size and number of
@@ -451,7 +450,6 @@ def bench_loader(settings: BenchSettings, workdir: Path, build: dict[str, Any],
     """
     from embseg.data import loader_throughput
 
-    shards = Path(build["shards_dir"])
     figures = {"batch_size": 8, "crop_size": 128, "num_workers": min(2, os.cpu_count() or 1)}
 
     def measure(source: str) -> float:
@@ -565,17 +563,18 @@ def _point(rows: list[dict[str, Any]], head: str, classes: int, key: str):
     return None
 
 
-def goals(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
-    """The benchmark's goals as (name, passed, detail); a missing figure fails its goal."""
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a / b
+
+
+def _memory_goals(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
+    """The peak-memory and step-time goals of the first backbone's training-step rows."""
     out = []
     memory = [r for r in result["memory"] if r["backbone"] == result["memory"][0]["backbone"]]
     classes = sorted({r["classes"] for r in memory})
     lo, hi = classes[0], classes[-1]
-
-    def ratio(a, b):
-        return None if a is None or b is None else a / b
-
-    mem_ratio = ratio(_point(memory, "ess", hi, "peak_bytes"), _point(memory, "ess", lo, "peak_bytes"))
+    mem_ratio = _ratio(_point(memory, "ess", hi, "peak_bytes"),
+                       _point(memory, "ess", lo, "peak_bytes"))
     out.append((f"ESS peak memory at C={hi} <= 1.10x that at C={lo}",
                 mem_ratio is not None and mem_ratio <= 1.10, f"{mem_ratio and round(mem_ratio, 3)}x"))
     pair = step_time_pair(result)
@@ -587,11 +586,18 @@ def goals(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
                     f"{time_ratio and round(time_ratio, 3)}x, median of "
                     f"{pair.get('rounds')} alternating rounds in one process"))
     elif 1284 in classes:
-        time_ratio = ratio(_point(memory, "ess", 1284, "step_seconds"),
-                           _point(memory, "ess", lo, "step_seconds"))
+        time_ratio = _ratio(_point(memory, "ess", 1284, "step_seconds"),
+                            _point(memory, "ess", lo, "step_seconds"))
         out.append((f"ESS step time at C=1284 <= 1.15x that at C={lo}",
                     time_ratio is not None and time_ratio <= 1.15,
                     f"{time_ratio and round(time_ratio, 3)}x"))
+    return out
+
+
+def goals(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
+    """The goals of the parts the run has, as (name, passed, detail); a missing figure fails
+    its goal."""
+    out = _memory_goals(result) if result.get("memory") else []
     if result.get("build"):
         scaling = result["build"]["scaling_x"]
         out.append((f"build scaling >= 1.6x on {result['build']['workers_all']} workers",
@@ -643,21 +649,27 @@ def _memory_notes(result: dict[str, Any]) -> list[str]:
         top = max(r["classes"] for r in result["memory"])
         lines.append(f"O(C d) floor of the ESS head at C = {top:,}: table + gradient + SGD "
                      f"momentum + one normalised copy or its gradient = {floor / 2**20:.1f} MiB.")
+    return lines + _load_lines(result)
+
+
+def _load_lines(result: dict[str, Any]) -> list[str]:
+    """The load average before and after the run, as one line (none when not recorded)."""
     before, after = (result.get("load_average_1_5_15_before"),
                      result.get("load_average_1_5_15_after"))
-    if before and after:
-        lines.append(f"Load average (1/5/15 min) before: {', '.join(f'{v:.2f}' for v in before)}; "
-                     f"after: {', '.join(f'{v:.2f}' for v in after)}.")
-    return lines
+    if not (before and after):
+        return []
+    return [f"Load average (1/5/15 min) before: {', '.join(f'{v:.2f}' for v in before)}; "
+            f"after: {', '.join(f'{v:.2f}' for v in after)}."]
 
 
 def to_markdown(result: dict[str, Any]) -> str:
     """The benchmark as markdown tables (memory, loss, build, loader, goals)."""
-    lines = [f"# embseg bench ({result['device']}, {result['date']})", "",
-             "## Training step (DeepLabV3+, forward + loss + backward + SGD)", "",
-             "| backbone | batch x size | classes | ESS peak | ESS step | softmax peak | softmax step |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    memory = result["memory"]
+    lines = [f"# embseg bench ({result['device']}, {result['date']})"]
+    memory = result.get("memory") or []
+    if memory:
+        lines += ["", "## Training step (DeepLabV3+, forward + loss + backward + SGD)", "",
+                  "| backbone | batch x size | classes | ESS peak | ESS step | softmax peak "
+                  "| softmax step |", "|---|---|---:|---:|---:|---:|---:|"]
     for backbone in dict.fromkeys(r["backbone"] for r in memory):
         rows = [r for r in memory if r["backbone"] == backbone]
         first = rows[0]
@@ -668,7 +680,7 @@ def to_markdown(result: dict[str, Any]) -> str:
                 f"{_fmt_seconds(_point(rows, 'ess', classes, 'step_seconds'))} | "
                 f"{_fmt_bytes(_point(rows, 'softmax', classes, 'peak_bytes'))} | "
                 f"{_fmt_seconds(_point(rows, 'softmax', classes, 'step_seconds'))} |")
-    lines += _memory_notes(result)
+    lines += _memory_notes(result) if memory else ["", *_load_lines(result)]
     for pair in result.get("step_time_pairs") or []:
         low, high = pair["classes"]
         if pair.get("ratio_x") is None:
@@ -683,7 +695,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"{pair['ratio_x']:.3f}x (median of {pair['rounds']} rounds: "
             + ", ".join(f"{r:.2f}" for r in pair["rounds_ratio_x"]) + "). The goal uses this "
             "ratio, not the table's separate processes.")
-    loss = result["loss"]
+    loss = result.get("loss") or []
     if loss:
         lines += ["", f"## Loss alone ({loss[0]['pixels']:,} pixels, forward + backward)", "",
                   "| classes | ESS peak | ESS time | full CE peak | full CE time |",
@@ -704,7 +716,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     if result.get("loader"):
         ld = result["loader"]
         lines += ["", "## Training input pipeline (decode + augment)", "",
-                  f"Shards: {ld['images_per_second_shards']:.1f} images/s; loose JPEG/PNG files: "
+                  (f"Shards ({ld['shards']}): " if ld.get("shards") else "Shards: ")
+                  + f"{ld['images_per_second_shards']:.1f} images/s; loose JPEG/PNG files: "
                   f"{ld['images_per_second_loose_files']:.1f} images/s ({ld['speedup_x']:.3f}x)"
                   + (f", medians of {ld['rounds']} back-to-back rounds (ratios "
                      + ", ".join(f"{r:.2f}" for r in ld["rounds_speedup_x"]) + ")"
@@ -719,8 +732,9 @@ def to_markdown(result: dict[str, Any]) -> str:
     ratio = result.get("softmax_over_ess_memory_at_1284")
     lines += ["", "## Goals", ""]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {name} ({detail})" for name, ok, detail in goals(result)]
-    lines.append(f"- softmax/ESS peak memory at C=1284: "
-                 f"{'softmax OOM' if ratio is None else f'{ratio:.2f}x'}")
+    if memory:
+        lines.append(f"- softmax/ESS peak memory at C=1284: "
+                     f"{'softmax OOM' if ratio is None else f'{ratio:.2f}x'}")
     return "\n".join(lines) + "\n"
 
 
@@ -788,11 +802,34 @@ def class_table_floor_bytes(settings: BenchSettings) -> int:
     return 4 * max(settings.classes) * settings.steps[0].embed_dim * 4
 
 
+PARTS = ("memory", "loss", "build", "loader")
+"""The parts of a run: training step (with the step-time pair), loss alone, build, loader."""
+
+
+def check_parts(parts: tuple[str, ...], shards: Path | None) -> None:
+    """EmbsegError unless ``parts`` are known and the loader has shards to read."""
+    from embseg.errors import EmbsegError
+
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown or not parts:
+        raise EmbsegError(f"--parts: unknown part(s) {', '.join(unknown) or '(none given)'}; "
+                          f"choose from {', '.join(PARTS)}")
+    if "loader" in parts and "build" not in parts and shards is None:
+        raise EmbsegError("--parts: the loader reads the build part's shards; add build to "
+                          "--parts or give --shards DIR")
+    if shards is not None and not any(shards.glob("*.tar")):
+        raise EmbsegError(f"{shards}: --shards: no .tar shards in this folder")
+
+
 def run_bench(*, quick: bool, gpu_sizes: bool, out: Path, json_path: Path | None,
+              parts: tuple[str, ...] = PARTS, shards: Path | None = None,
               log=print) -> dict[str, Any]:
-    """Run all four parts and write JSON, markdown and the memory plot under ``out``."""
+    """Run the chosen parts and write JSON, markdown and (with the memory part) the memory
+    plot under ``out``. ``shards``: the loader reads these (the user's own data) instead of
+    the build part's synthetic shards."""
     import torch
 
+    check_parts(parts, shards)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if gpu_sizes and device != "cuda":
         from embseg.errors import EmbsegError
@@ -803,10 +840,13 @@ def run_bench(*, quick: bool, gpu_sizes: bool, out: Path, json_path: Path | None
     started = time.time()
     result: dict[str, Any] = {"device": device_name(device),
                               "date": time.strftime("%Y-%m-%d"),
-                              "settings": settings_record(settings, quick=quick,
-                                                          gpu_sizes=gpu_sizes),
+                              "settings": {**settings_record(settings, quick=quick,
+                                                             gpu_sizes=gpu_sizes),
+                                           "parts": list(parts)},
                               "units": {"peak_bytes": "bytes", "step_seconds": "seconds"},
-                              "load_average_1_5_15_before": list(os.getloadavg())}
+                              "load_average_1_5_15_before": list(os.getloadavg()),
+                              "memory": [], "step_time_pairs": [], "loss": [],
+                              "build": None, "loader": None}
     part_seconds: dict[str, float] = {}
 
     def timed_part(name: str, run):
@@ -815,35 +855,49 @@ def run_bench(*, quick: bool, gpu_sizes: bool, out: Path, json_path: Path | None
         part_seconds[name] = round(time.time() - part_started, 1)
         return value
 
-    result["memory"] = timed_part("memory", lambda: bench_memory(settings, log))
-    result["step_time_pairs"] = timed_part("step_time_pairs",
-                                           lambda: bench_step_pairs(settings, log))
-    result["loss"] = timed_part("loss", lambda: bench_loss(settings, log))
+    if "memory" in parts:
+        result["memory"] = timed_part("memory", lambda: bench_memory(settings, log))
+        result["step_time_pairs"] = timed_part("step_time_pairs",
+                                               lambda: bench_step_pairs(settings, log))
+    if "loss" in parts:
+        result["loss"] = timed_part("loss", lambda: bench_loss(settings, log))
     with tempfile.TemporaryDirectory(prefix="embseg-bench-") as tmp:
-        result["build"] = timed_part("build", lambda: bench_build(settings, Path(tmp), log))
-        result["loader"] = timed_part("loader", lambda: bench_loader(settings, Path(tmp),
-                                                                     result["build"], log))
-        result["build"].pop("shards_dir")
+        loader_shards = shards
+        if "build" in parts:
+            result["build"] = timed_part("build", lambda: bench_build(settings, Path(tmp), log))
+            built = Path(result["build"].pop("shards_dir"))
+            loader_shards = loader_shards or built
+        if "loader" in parts:
+            result["loader"] = timed_part("loader", lambda: bench_loader(
+                settings, Path(tmp), loader_shards, log))
+            if shards is not None:
+                result["loader"]["shards"] = str(shards)
     result["part_seconds"] = part_seconds
     result["softmax_over_ess_memory_at_1284"] = softmax_ess_ratio(result)
     result["goals"] = [{"goal": n, "passed": ok, "value": d} for n, ok, d in goals(result)]
-    result["class_table_floor_bytes"] = class_table_floor_bytes(settings)
+    if result["memory"]:
+        result["class_table_floor_bytes"] = class_table_floor_bytes(settings)
     result["load_average_1_5_15_after"] = list(os.getloadavg())
     result["total_seconds"] = time.time() - started
     json_path = json_path or out / "bench.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     (out / "bench.md").write_text(to_markdown(result))
-    plot(result, out / "memory_vs_classes.png")
+    if result["memory"]:
+        plot(result, out / "memory_vs_classes.png")
     return result
 
 
 def cli_bench(args: argparse.Namespace) -> int:
     """``embseg bench``: prints progress, the tables and the pass/fail goal lines."""
+    parts = tuple(part.strip() for part in args.parts.split(",") if part.strip())
     result = run_bench(quick=args.quick, gpu_sizes=args.gpu_sizes, out=args.out,
-                       json_path=args.json)
+                       json_path=args.json, parts=parts, shards=args.shards)
     print()
     print(to_markdown(result))
-    print(f"wrote {args.json or args.out / 'bench.json'}, {args.out / 'bench.md'}, "
-          f"{args.out / 'memory_vs_classes.png'} in {result['total_seconds']:.0f} s")
+    written = [args.json or args.out / "bench.json", args.out / "bench.md"]
+    if result["memory"]:
+        written.append(args.out / "memory_vs_classes.png")
+    print(f"wrote {', '.join(str(path) for path in written)} in "
+          f"{result['total_seconds']:.0f} s")
     return 0

@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-sizes", action="store_true")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    p.add_argument("--parts", default="memory,loss,build,loader",
+                   help="comma-separated parts to run (default: all four)")
+    p.add_argument("--shards", type=Path, default=None,
+                   help="the loader part reads these shards (your own data) instead of the "
+                        "build part's synthetic ones")
     _command(p, "embseg.bench:cli_bench")
     return parser
 

@@ -160,3 +160,39 @@ def test_storage_read_counts_every_sample_on_both_sides(tmp_path):
     result["loader"]["storage_read"] = read
     assert "Read from storage alone (page cache dropped, no decoding, all 12 samples)" \
         in bench.to_markdown(result)
+
+
+def test_bench_refuses_unknown_parts_and_a_loader_without_shards(tmp_path, capsys):
+    from embseg.cli import main
+
+    out = str(tmp_path / "out")
+    assert main(["bench", "--parts", "memory,speed", "--out", out]) == 2
+    assert "unknown part(s) speed; choose from memory, loss, build, loader" in \
+        capsys.readouterr().err
+    assert main(["bench", "--parts", "loader", "--out", out]) == 2
+    assert "add build to --parts or give --shards DIR" in capsys.readouterr().err
+    assert main(["bench", "--parts", "loader", "--shards", str(tmp_path), "--out", out]) == 2
+    assert f"{tmp_path}: --shards: no .tar shards in this folder" in capsys.readouterr().err
+
+
+def test_loader_part_alone_reads_the_given_shards(tmp_path, capsys):
+    from shardutil import colour_sample, write_shards
+
+    from embseg.cli import main
+
+    samples = [colour_sample(key, height=48, width=48, num_classes=5) for key in range(24)]
+    write_shards(tmp_path / "shards", samples, num_classes=5, shard_size=8)
+    out = tmp_path / "out"
+    assert main(["bench", "--parts", "loader", "--shards", str(tmp_path / "shards"),
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert result["memory"] == [] and result["loss"] == [] and result["build"] is None
+    loader = result["loader"]
+    assert loader["shards"] == str(tmp_path / "shards") and loader["storage_read"]["samples"] == 24
+    assert [goal["goal"] for goal in result["goals"]] == [
+        "shard loader at least as fast as loose files"]
+    assert set(result["part_seconds"]) == {"loader"}
+    assert not (out / "memory_vs_classes.png").exists()
+    text = (out / "bench.md").read_text()
+    assert f"Shards ({tmp_path / 'shards'}): " in text and "## Training step" not in text
+    assert "wrote" in capsys.readouterr().out
