@@ -69,6 +69,7 @@ class BenchSettings:
     cpu_memory_cap_gib: float = 8.0
     measured_steps: int = 2
     loss_measured_steps: int | None = None  # None: measured_steps
+    step_measure_seconds: float | None = None  # None: MEASURE_SECONDS (training-step table)
     step_pair_classes: tuple[int, int] = (21, 1284)  # the step-time goal's two class counts
     step_pair_rounds: int = 7
     notes: list[str] = field(default_factory=list)
@@ -87,13 +88,15 @@ def settings_for(*, quick: bool, gpu_sizes: bool, device: str) -> BenchSettings:
         # penalty's exact C x C nearest-other search cost ~10 s per step, so that point runs
         # only its two memory steps (the second one timed), and the loss-alone sweep stops
         # at C = 10,000 (it goes on to 100,000 without --quick), and five alternating rounds
-        # for the step-time pair: --quick stays under 4 minutes. 1,600 build images: a
+        # for the step-time pair, one timed step per training-step point (the step-time
+        # goal comes from the pair): --quick stays near 4 minutes. 1,600 build images: a
         # shorter build is timed over ~2 s or less and its ratio is noise (1,200 images gave
         # 1.39x-1.77x where 1,600 gave 1.70x-2.13x on the same day).
         return BenchSettings(device=device, steps=[StepSetting("resnet50", 2, 128)],
                              loss_classes=CLASS_COUNTS[:-1], loss_pixels=(2, 96, 96),
                              build_images=1600, loader_images=640, loader_rounds=3,
-                             measured_steps=1, loss_measured_steps=1, step_pair_rounds=5)
+                             measured_steps=1, loss_measured_steps=1, step_pair_rounds=5,
+                             step_measure_seconds=0.0)
     return BenchSettings(device=device, steps=[StepSetting("mobilenetv2", 4, 256)],
                          loss_pixels=(4, 256, 256), measured_steps=3)
 
@@ -154,7 +157,8 @@ def _step_point(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     step = _training_step(spec, spec["classes"])
-    return _measure(step, torch.device(spec["device"]), spec["measured_steps"], memory_steps=2)
+    return _measure(step, torch.device(spec["device"]), spec["measured_steps"], memory_steps=2,
+                    measure_seconds=spec.get("measure_seconds", MEASURE_SECONDS))
 
 
 def _step_pair_point(spec: dict[str, Any]) -> dict[str, Any]:
@@ -264,7 +268,8 @@ MAX_MEASURED_STEPS) and their median is reported: one step of a few tenths of a 
 too noisy on a shared CPU for a 1.15x goal."""
 
 
-def _measure(step, device, measured_steps: int, memory_steps: int = 2) -> dict[str, Any]:
+def _measure(step, device, measured_steps: int, memory_steps: int = 2,
+             measure_seconds: float | None = None) -> dict[str, Any]:
     """Peak memory over ``memory_steps`` steps, then the median time of the measured steps.
 
     On CUDA the first step is the warm-up and the peak is ``max_memory_allocated`` over all
@@ -273,7 +278,8 @@ def _measure(step, device, measured_steps: int, memory_steps: int = 2) -> dict[s
     (:func:`_allocator_keeps_freed_memory`) and, for steps cheaper than
     :data:`UNTIMED_STEP_MAX_SECONDS`, one untimed step refills its cache (slower steps count
     the last memory step as their first timed one). At least ``measured_steps`` steps are
-    timed, more while they add up to less than :data:`MEASURE_SECONDS`.
+    timed, more while they add up to less than ``measure_seconds`` (default
+    :data:`MEASURE_SECONDS`).
     """
     import torch
 
@@ -299,8 +305,9 @@ def _measure(step, device, measured_steps: int, memory_steps: int = 2) -> dict[s
             times.append(last)  # a slow step: the last memory step is the first timed one
         if _allocator_keeps_freed_memory() and last < UNTIMED_STEP_MAX_SECONDS:
             step()  # untimed: the heap grows to its working size
+    budget = MEASURE_SECONDS if measure_seconds is None else measure_seconds
     while len(times) < max(1, measured_steps) or (
-            sum(times) < MEASURE_SECONDS and len(times) < MAX_MEASURED_STEPS):
+            sum(times) < budget and len(times) < MAX_MEASURED_STEPS):
         times.append(timed_step())
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
@@ -355,7 +362,8 @@ def bench_memory(settings: BenchSettings, log) -> list[dict[str, Any]]:
             for classes in settings.classes:
                 spec = {"kind": "step", "device": settings.device, "head": head,
                         "classes": classes, "cpu_memory_cap_gib": settings.cpu_memory_cap_gib,
-                        "measured_steps": settings.measured_steps, **asdict(setting)}
+                        "measured_steps": settings.measured_steps,
+                        "measure_seconds": _step_measure_seconds(settings), **asdict(setting)}
                 result = run_point(spec)
                 row = {"head": head_name, "classes": classes, "backbone": setting.backbone,
                        "batch": setting.batch, "image_size_px": setting.size,
@@ -389,6 +397,11 @@ def bench_step_pairs(settings: BenchSettings, log) -> list[dict[str, Any]]:
             log(f"pair   ess     {setting.backbone:11s} C={high} / C={low} step time "
                 f"{pair['ratio_x']:.3f}x (median of {pair['rounds']} alternating rounds)")
     return pairs
+
+
+def _step_measure_seconds(settings: BenchSettings) -> float:
+    return MEASURE_SECONDS if settings.step_measure_seconds is None \
+        else settings.step_measure_seconds
 
 
 def _loss_steps(settings: BenchSettings) -> int:
@@ -636,7 +649,8 @@ def _memory_notes(result: dict[str, Any]) -> list[str]:
         lines.append(f"Peak: {settings['peak_memory']} over the first two steps (SGD momentum "
                      f"exists from the second); step time: median of the steps timed after "
                      f"those (at least {settings.get('measured_steps_after_warmup')}, more up "
-                     f"to {MEASURE_SECONDS:g} s of steps, at most {MAX_MEASURED_STEPS}), with "
+                     f"to {settings.get('step_measure_seconds', MEASURE_SECONDS):g} s of "
+                     f"steps, at most {MAX_MEASURED_STEPS}), with "
                      f"the allocator caching freed blocks (one untimed step first for steps "
                      f"under {UNTIMED_STEP_MAX_SECONDS:g} s; a slower step's last memory step is its "
                      f"first timed one). Output stride 16, embedding "
@@ -783,6 +797,7 @@ def settings_record(settings: BenchSettings, *, quick: bool, gpu_sizes: bool
     return {"quick": quick, "gpu_sizes": gpu_sizes,
             "training_step": [asdict(step) for step in settings.steps],
             "measured_steps_after_warmup": settings.measured_steps,
+            "step_measure_seconds": _step_measure_seconds(settings),
             "loss_pixels_batch_height_width": list(settings.loss_pixels),
             "loss_measured_steps_after_warmup": _loss_steps(settings),
             "loss_embed_dim": 32, "ess_k": 7,

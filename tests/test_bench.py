@@ -196,3 +196,14 @@ def test_loader_part_alone_reads_the_given_shards(tmp_path, capsys):
     text = (out / "bench.md").read_text()
     assert f"Shards ({tmp_path / 'shards'}): " in text and "## Training step" not in text
     assert "wrote" in capsys.readouterr().out
+
+
+def test_no_measure_budget_times_exactly_the_measured_steps():
+    import torch
+
+    calls = []
+    result = bench._measure(lambda: calls.append(1), torch.device("cpu"), 2, memory_steps=2,
+                            measure_seconds=0.0)
+    assert result["timed_steps"] == 2
+    quick = bench.settings_for(quick=True, gpu_sizes=False, device="cpu")
+    assert bench.settings_record(quick, quick=True, gpu_sizes=False)["step_measure_seconds"] == 0
