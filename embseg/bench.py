@@ -646,15 +646,17 @@ def _memory_notes(result: dict[str, Any]) -> list[str]:
     settings = result.get("settings", {})
     lines = [""]
     if settings.get("peak_memory"):
+        steps = settings.get("measured_steps_after_warmup")
+        budget = settings.get("step_measure_seconds", MEASURE_SECONDS)
+        timed = (f"median of the steps timed after those (at least {steps}, more up to "
+                 f"{budget:g} s of steps, at most {MAX_MEASURED_STEPS})" if budget
+                 else f"median of the {steps} step(s) timed after those")
         lines.append(f"Peak: {settings['peak_memory']} over the first two steps (SGD momentum "
-                     f"exists from the second); step time: median of the steps timed after "
-                     f"those (at least {settings.get('measured_steps_after_warmup')}, more up "
-                     f"to {settings.get('step_measure_seconds', MEASURE_SECONDS):g} s of "
-                     f"steps, at most {MAX_MEASURED_STEPS}), with "
-                     f"the allocator caching freed blocks (one untimed step first for steps "
-                     f"under {UNTIMED_STEP_MAX_SECONDS:g} s; a slower step's last memory step is its "
-                     f"first timed one). Output stride 16, embedding "
-                     f"d = 32, k = 7, random weights.")
+                     f"exists from the second); step time: {timed}, with the allocator "
+                     f"caching freed blocks (one untimed step first for steps under "
+                     f"{UNTIMED_STEP_MAX_SECONDS:g} s; a slower step's last memory step is its "
+                     f"first timed one). Output stride 16, embedding d = 32, k = 7, random "
+                     f"weights.")
     if settings.get("point_env"):
         env = " ".join(f"{k}={v}" for k, v in settings["point_env"].items())
         lines.append(f"Subprocess environment: `{env}`.")
