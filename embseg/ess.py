@@ -320,8 +320,11 @@ def candidate_classes(emb: Tensor, target: Tensor, class_emb: Tensor, k: int, *,
     return torch.cat([target.unsqueeze(1), neighbours], dim=1)
 
 
-DIFFERENCE_CHUNK_ELEMENTS = 2**20
-"""Largest (pixels x candidates x d) slice of differences the candidate distances hold."""
+DIFFERENCE_CHUNK_ELEMENTS = 2**24
+"""Largest (pixels x candidates x d) slice of differences the candidate distances hold on the
+torch path (64 MiB in float32; the compiled CPU kernels hold none). Each chunk is a few
+kernel launches on a GPU: a 16 x 513 x 513 batch at k = 7, d = 32 is 64 chunks at 2**24,
+1,027 at 2**20. Chosen by that count, not yet timed on a GPU."""
 
 
 def _difference_rows(num_candidates: int, dim: int) -> int:

@@ -222,6 +222,22 @@ def test_large_batch_stays_exact(k):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("chunk", [1, 100, 2**24])
+def test_candidate_distances_are_the_same_at_every_chunk_size(chunk, monkeypatch):
+    import embseg.ess
+
+    monkeypatch.setattr(embseg.ess, "DIFFERENCE_CHUNK_ELEMENTS", chunk)  # torch path's chunks
+    emb = leaf(unit(2, 8, 6, 7, dim=1, seed=45))
+    class_emb = leaf(unit(30, 8, seed=46))
+    target = torch.randint(0, 30, (2, 6, 7), generator=torch.Generator().manual_seed(8))
+    loss = ess_loss(emb, target, class_emb, k=5, temperature=20.0)
+    reference = direct_ess(emb, target, class_emb, 5, 20.0)
+    torch.testing.assert_close(loss, reference)
+    for got, want in zip(grads(loss, emb, class_emb), grads(reference, emb, class_emb),
+                         strict=True):
+        torch.testing.assert_close(got, want)
+
+
 def test_pixels_sitting_on_their_classes_get_finite_gradients():
     num_classes, dim, k = 40, 32, 7
     class_emb = leaf(unit(num_classes, dim, seed=42).float())
