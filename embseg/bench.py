@@ -354,9 +354,13 @@ def run_point(spec: dict[str, Any]) -> dict[str, Any]:
 # The four parts
 
 
-def bench_memory(settings: BenchSettings, log) -> list[dict[str, Any]]:
-    """Part 1: peak memory and step time of a training step, ESS vs softmax, vs C."""
-    rows = []
+def bench_memory(settings: BenchSettings, log, rows: list[dict[str, Any]] | None = None,
+                 on_point=None) -> list[dict[str, Any]]:
+    """Part 1: peak memory and step time of a training step, ESS vs softmax, vs C.
+
+    Rows are appended to ``rows`` (a new list by default) and ``on_point()`` runs after each
+    one, so a caller can save what is done while the slow points still run."""
+    rows = [] if rows is None else rows
     for setting in settings.steps:
         for head, head_name in (("embedding", "ess"), ("softmax", "softmax")):
             for classes in settings.classes:
@@ -374,6 +378,8 @@ def bench_memory(settings: BenchSettings, log) -> list[dict[str, Any]]:
                 rows.append(row)
                 log(f"step   {head_name:7s} {setting.backbone:11s} C={classes:>7d} "
                     f"{_fmt_bytes(row['peak_bytes']):>10s} {_fmt_seconds(row['step_seconds'])}")
+                if on_point is not None:
+                    on_point()
     return rows
 
 
@@ -409,9 +415,11 @@ def _loss_steps(settings: BenchSettings) -> int:
         else settings.loss_measured_steps
 
 
-def bench_loss(settings: BenchSettings, log) -> list[dict[str, Any]]:
-    """Part 2: the loss alone, ess_loss + margin_penalty vs full cross-entropy, vs C."""
-    rows = []
+def bench_loss(settings: BenchSettings, log, rows: list[dict[str, Any]] | None = None,
+               on_point=None) -> list[dict[str, Any]]:
+    """Part 2: the loss alone, ess_loss + margin_penalty vs full cross-entropy, vs C (rows and
+    ``on_point`` as in :func:`bench_memory`)."""
+    rows = [] if rows is None else rows
     batch, height, width = settings.loss_pixels
     for head in ("ess", "softmax"):
         for classes in settings.loss_classes:
@@ -426,6 +434,8 @@ def bench_loss(settings: BenchSettings, log) -> list[dict[str, Any]]:
             rows.append(row)
             log(f"loss   {head:7s} C={classes:>7d} {_fmt_bytes(row['peak_bytes']):>10s} "
                 f"{_fmt_seconds(row['step_seconds'])}")
+            if on_point is not None:
+                on_point()
     return rows
 
 
@@ -681,6 +691,9 @@ def _load_lines(result: dict[str, Any]) -> list[str]:
 def to_markdown(result: dict[str, Any]) -> str:
     """The benchmark as markdown tables (memory, loss, build, loader, goals)."""
     lines = [f"# embseg bench ({result['device']}, {result['date']})"]
+    if result.get("complete") is False:
+        lines += ["", "Incomplete: the run stopped, or is still running, after the points "
+                      "below."]
     memory = result.get("memory") or []
     if memory:
         lines += ["", "## Training step (DeepLabV3+, forward + loss + backward + SGD)", "",
@@ -865,6 +878,11 @@ def run_bench(*, quick: bool, gpu_sizes: bool, out: Path, json_path: Path | None
                               "memory": [], "step_time_pairs": [], "loss": [],
                               "build": None, "loader": None}
     part_seconds: dict[str, float] = {}
+    json_path = json_path or out / "bench.json"
+
+    def save(complete: bool = False) -> None:
+        _write_outputs(result, settings, out=out, json_path=json_path,
+                       part_seconds=part_seconds, started=started, complete=complete)
 
     def timed_part(name: str, run):
         part_started = time.time()
@@ -873,36 +891,46 @@ def run_bench(*, quick: bool, gpu_sizes: bool, out: Path, json_path: Path | None
         return value
 
     if "memory" in parts:
-        result["memory"] = timed_part("memory", lambda: bench_memory(settings, log))
+        timed_part("memory", lambda: bench_memory(settings, log, result["memory"], save))
         result["step_time_pairs"] = timed_part("step_time_pairs",
                                                lambda: bench_step_pairs(settings, log))
+        save()
     if "loss" in parts:
-        result["loss"] = timed_part("loss", lambda: bench_loss(settings, log))
+        timed_part("loss", lambda: bench_loss(settings, log, result["loss"], save))
     with tempfile.TemporaryDirectory(prefix="embseg-bench-") as tmp:
         loader_shards = shards
         if "build" in parts:
             result["build"] = timed_part("build", lambda: bench_build(settings, Path(tmp), log))
             built = Path(result["build"].pop("shards_dir"))
             loader_shards = loader_shards or built
+            save()
         if "loader" in parts:
             result["loader"] = timed_part("loader", lambda: bench_loader(
                 settings, Path(tmp), loader_shards, log))
             if shards is not None:
                 result["loader"]["shards"] = str(shards)
-    result["part_seconds"] = part_seconds
+    save(complete=True)
+    return result
+
+
+def _write_outputs(result: dict[str, Any], settings: BenchSettings, *, out: Path,
+                   json_path: Path, part_seconds: dict[str, float], started: float,
+                   complete: bool) -> None:
+    """Derived figures, then the JSON, the markdown and (with memory rows) the plot; called
+    after every point and part, so a run cut short still leaves what it measured."""
+    result["complete"] = complete
+    result["part_seconds"] = dict(part_seconds)
     result["softmax_over_ess_memory_at_1284"] = softmax_ess_ratio(result)
     result["goals"] = [{"goal": n, "passed": ok, "value": d} for n, ok, d in goals(result)]
     if result["memory"]:
         result["class_table_floor_bytes"] = class_table_floor_bytes(settings)
     result["load_average_1_5_15_after"] = list(os.getloadavg())
     result["total_seconds"] = time.time() - started
-    json_path = json_path or out / "bench.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     (out / "bench.md").write_text(to_markdown(result))
     if result["memory"]:
         plot(result, out / "memory_vs_classes.png")
-    return result
 
 
 def cli_bench(args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from embseg import bench
 
 
@@ -207,3 +209,46 @@ def test_no_measure_budget_times_exactly_the_measured_steps():
     assert result["timed_steps"] == 2
     quick = bench.settings_for(quick=True, gpu_sizes=False, device="cpu")
     assert bench.settings_record(quick, quick=True, gpu_sizes=False)["step_measure_seconds"] == 0
+
+
+def _tiny_settings(**_: object) -> bench.BenchSettings:
+    return bench.BenchSettings(device="cpu", steps=[bench.StepSetting("tiny", 1, 32, embed_dim=8)],
+                               classes=(5, 40), loss_classes=(5,), loss_pixels=(1, 8, 8),
+                               measured_steps=1, step_measure_seconds=0.0,
+                               step_pair_classes=(5, 40), step_pair_rounds=1)
+
+
+def test_memory_part_end_to_end_on_tiny_sizes(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "settings_for", _tiny_settings)
+    result = bench.run_bench(quick=True, gpu_sizes=False, out=tmp_path, json_path=None,
+                             parts=("memory",), log=lambda line: None)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["complete"] is True and saved["goals"] == result["goals"]
+    assert [(r["head"], r["classes"]) for r in saved["memory"]] == [
+        ("ess", 5), ("ess", 40), ("softmax", 5), ("softmax", 40)]
+    assert all(r["peak_bytes"] > 0 and r["step_seconds"] > 0 for r in saved["memory"])
+    pair = saved["step_time_pairs"][0]
+    assert pair["backbone"] == "tiny" and pair["classes"] == [5, 40] and pair["rounds"] == 1
+    assert [g["goal"] for g in saved["goals"]] == ["ESS peak memory at C=40 <= 1.10x that at C=5",
+                                                  "ESS step time at C=40 <= 1.15x that at C=5"]
+    assert (tmp_path / "memory_vs_classes.png").exists()
+
+
+def test_a_run_cut_short_leaves_the_points_it_measured(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "settings_for", _tiny_settings)
+    calls = []
+
+    def fake_point(spec):
+        calls.append(spec)
+        if len(calls) == 3:
+            raise RuntimeError("the machine went away")
+        return {"peak_bytes": 2**20 * len(calls), "step_seconds": 0.5, "timed_steps": 1}
+
+    monkeypatch.setattr(bench, "run_point", fake_point)
+    with pytest.raises(RuntimeError, match="the machine went away"):
+        bench.run_bench(quick=True, gpu_sizes=False, out=tmp_path, json_path=None,
+                        parts=("memory", "loss"), log=lambda line: None)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["complete"] is False and len(saved["memory"]) == 2
+    assert saved["memory"][1]["peak_bytes"] == 2 * 2**20
+    assert "Incomplete: the run stopped" in (tmp_path / "bench.md").read_text()
