@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -33,12 +34,13 @@ MIN_ROWS_PER_THREAD = 256
 
 
 class _RowPool:
-    """Python threads that run a kernel over row ranges; rebuilt after a fork."""
+    """Python threads that run a kernel over row ranges; forgotten in a forked child."""
 
     def __init__(self) -> None:
         self._pid = -1
         self._executor: ThreadPoolExecutor | None = None
         self._size = 0
+        self._lock = threading.Lock()  # callers on several threads share one executor
 
     def run(self, kernel, num_rows: int, *arrays) -> None:
         """``kernel(start, stop, *arrays)`` over ``0..num_rows``, split over torch's threads."""
@@ -47,24 +49,35 @@ class _RowPool:
             kernel(0, num_rows, *arrays)
             return
         bounds = [num_rows * part // threads for part in range(threads + 1)]
-        executor = self._executor_for(threads - 1)
-        futures = [executor.submit(kernel, bounds[part], bounds[part + 1], *arrays)
-                   for part in range(1, threads)]
+        with self._lock:  # no other caller replaces the executor between these submits
+            executor = self._executor_for(threads - 1)
+            futures = [executor.submit(kernel, bounds[part], bounds[part + 1], *arrays)
+                       for part in range(1, threads)]
         kernel(bounds[0], bounds[1], *arrays)
         for future in futures:
             future.result()
 
     def _executor_for(self, workers: int) -> ThreadPoolExecutor:
+        """The executor of this process with at least ``workers`` threads (call under the
+        lock); a smaller one is retired, its queued work still runs."""
         if self._executor is None or self._pid != os.getpid() or self._size < workers:
             if self._executor is not None and self._pid == os.getpid():
-                self._executor.shutdown(wait=True)
+                self._executor.shutdown(wait=False)
             self._executor = ThreadPoolExecutor(max_workers=workers,
                                                 thread_name_prefix="embseg-kernel")
             self._pid, self._size = os.getpid(), workers
         return self._executor
 
 
+    def forget_after_fork(self) -> None:
+        """In a forked child: the parent's threads and lock state do not carry over."""
+        self._lock = threading.Lock()
+        self._executor, self._pid, self._size = None, -1, 0
+
+
 _POOL = _RowPool()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_POOL.forget_after_fork)
 
 
 @numba.njit(nogil=True, cache=True)

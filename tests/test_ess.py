@@ -515,3 +515,50 @@ def test_candidate_distances_gradcheck_and_zero_distance():
     logits = candidate_logits(on_class, class_emb, candidates, 3.0)
     emb_grad, class_grad = grads(logits.sum(), on_class, class_emb)
     assert torch.isfinite(emb_grad).all() and torch.isfinite(class_grad).all()
+
+
+def test_compiled_kernels_from_several_threads_and_in_a_forked_child(code_path):
+    import multiprocessing
+    import threading
+
+    from embseg.cpu_kernels import merge_smallest_
+
+    if code_path != "compiled":
+        pytest.skip("the thread pool belongs to the compiled kernels")
+    torch.set_num_threads(2)  # rows split over the pool (the fixture restores the count)
+    emb, class_emb = unit(3000, 16, seed=80), unit(700, 16, seed=81)
+    want = brute_knn(emb, class_emb, 5)
+    results = []
+
+    def search() -> None:
+        results.append(all(torch.equal(knn_classes(emb, class_emb, 5), want) for _ in range(5)))
+
+    threads = [threading.Thread(target=search) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [True, True, True]
+    # A forked child gets the parent's pool object but none of its threads. (The child runs
+    # the selection kernel alone: torch's own OpenMP matrix products hang in a child forked
+    # after the parent ran them on two threads, with or without these kernels.)
+    scores = torch.randn(3000, 700, generator=torch.Generator().manual_seed(82),
+                         dtype=torch.float64)
+    exclude = torch.full((3000,), -1)
+    want_values, want_ids = torch.topk(scores, 5, dim=1, largest=False)
+    child = multiprocessing.get_context("fork").Process(
+        target=_select_in_child, args=(merge_smallest_, scores, exclude, want_values, want_ids))
+    child.start()
+    child.join(timeout=60)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0
+
+
+def _select_in_child(merge_smallest_, scores: torch.Tensor, exclude: torch.Tensor,
+                     want_values: torch.Tensor, want_ids: torch.Tensor) -> None:
+    best_values = torch.full((len(scores), 5), float("inf"), dtype=torch.float64)
+    best_ids = torch.zeros((len(scores), 5), dtype=torch.long)
+    merge_smallest_(scores, 0, exclude, best_values, best_ids)
+    sys.exit(0 if torch.equal(best_values, want_values) and torch.equal(best_ids, want_ids)
+             else 1)
