@@ -37,7 +37,6 @@ class _RowPool:
     """Python threads that run a kernel over row ranges; forgotten in a forked child."""
 
     def __init__(self) -> None:
-        self._pid = -1
         self._executor: ThreadPoolExecutor | None = None
         self._size = 0
         self._lock = threading.Lock()  # callers on several threads share one executor
@@ -60,19 +59,18 @@ class _RowPool:
     def _executor_for(self, workers: int) -> ThreadPoolExecutor:
         """The executor of this process with at least ``workers`` threads (call under the
         lock); a smaller one is retired, its queued work still runs."""
-        if self._executor is None or self._pid != os.getpid() or self._size < workers:
-            if self._executor is not None and self._pid == os.getpid():
+        if self._executor is None or self._size < workers:
+            if self._executor is not None:
                 self._executor.shutdown(wait=False)
             self._executor = ThreadPoolExecutor(max_workers=workers,
                                                 thread_name_prefix="embseg-kernel")
-            self._pid, self._size = os.getpid(), workers
+            self._size = workers
         return self._executor
-
 
     def forget_after_fork(self) -> None:
         """In a forked child: the parent's threads and lock state do not carry over."""
         self._lock = threading.Lock()
-        self._executor, self._pid, self._size = None, -1, 0
+        self._executor, self._size = None, 0
 
 
 _POOL = _RowPool()
@@ -175,16 +173,14 @@ def _class_gradients(emb, class_emb, candidates, scale, grad_classes):  # pragma
 
 
 def candidate_distance_gradients(emb: Tensor, class_emb: Tensor, candidates: Tensor,
-                                 distances: Tensor, grad_out: Tensor, *, want_emb: bool,
+                                 scale: Tensor, *, want_emb: bool,
                                  want_classes: bool) -> tuple[Tensor | None, Tensor | None]:
     """Gradients of :func:`candidate_distances` w.r.t. ``emb`` and ``class_emb``.
 
-    ``d||e - c|| / de = (e - c) / ||e - c||`` (0 where the distance is 0), and the opposite
-    for ``c``; each class sums over the pixels that have it as a candidate, in pixel order
-    (deterministic).
+    ``scale`` (M, k+1), in the dtype of ``emb``, is the incoming gradient over the distance
+    (0 where the distance is 0): pixel ``i`` gets ``sum_j scale[i, j] (e_i - c_j)`` and each
+    candidate class the opposite, summed over its pixels in pixel order (deterministic).
     """
-    scale = torch.where(distances > 0, grad_out / distances.clamp(min=1e-30),
-                        torch.zeros_like(distances)).to(emb.dtype)
     grad_emb = grad_classes = None
     arrays = (emb.numpy(), class_emb.numpy(), candidates.numpy(), scale.numpy())
     if want_emb:

@@ -377,12 +377,15 @@ class _CandidateDistances(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         emb, class_emb, candidates, distances = ctx.saved_tensors
         want_emb, want_classes = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # d||e - c|| / de = (e - c) / ||e - c||, and 0 where the distance is 0
+        scale = torch.where(distances > 0, grad_out / distances.clamp(min=1e-30),
+                            torch.zeros_like(distances))
         if _compiled(emb, class_emb):
             from embseg import cpu_kernels
 
             pixels, classes = _same_dtype(emb, class_emb)
             grad_emb, grad_classes = cpu_kernels.candidate_distance_gradients(
-                pixels, classes, candidates.contiguous(), distances, grad_out.contiguous(),
+                pixels, classes, candidates.contiguous(), scale.to(pixels.dtype).contiguous(),
                 want_emb=want_emb, want_classes=want_classes)
             return (None if grad_emb is None else grad_emb.to(emb.dtype),
                     None if grad_classes is None else grad_classes.to(class_emb.dtype), None)
@@ -392,11 +395,8 @@ class _CandidateDistances(torch.autograd.Function):
         for start in range(0, candidates.shape[0], rows):
             stop = start + rows
             ids = candidates[start:stop]
-            dist = distances[start:stop]
-            # d||e - c|| / de = (e - c) / ||e - c||, and 0 where the distance is 0
-            scale = torch.where(dist > 0, grad_out[start:stop] / dist.clamp(min=1e-30),
-                                torch.zeros_like(dist))
-            weighted = (emb[start:stop].unsqueeze(1) - class_emb[ids]) * scale.unsqueeze(2)
+            weighted = ((emb[start:stop].unsqueeze(1) - class_emb[ids])
+                        * scale[start:stop].unsqueeze(2))
             if grad_emb is not None:
                 grad_emb[start:stop] = weighted.sum(dim=1)
             if grad_classes is not None:
