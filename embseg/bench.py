@@ -176,28 +176,18 @@ def _step_pair_point(spec: dict[str, Any]) -> dict[str, Any]:
     low, high = spec["classes_pair"]
     steps = {low: _training_step(spec, low), high: _training_step(spec, high)}
 
-    def timed(classes: int) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        steps[classes]()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - started
-
     for classes in (low, high):  # untimed: SGD momentum, caches, compiled kernels
         steps[classes]()
     if device.type == "cpu":
         _allocator_keeps_freed_memory()
     for classes in (low, high):  # untimed: the heap (or CUDA cache) grows to its working size
         steps[classes]()
-    seconds: dict[int, list[float]] = {low: [], high: []}
-    for round_index in range(max(1, spec["rounds"])):
-        for classes in ((low, high) if round_index % 2 == 0 else (high, low)):
-            seconds[classes].append(timed(classes))
-    ratios = [b / a for a, b in zip(seconds[low], seconds[high], strict=True)]
+    seconds_low, seconds_high = _alternating_rounds(
+        spec["rounds"], lambda: _timed_call(steps[low], device),
+        lambda: _timed_call(steps[high], device))
+    ratios = [b / a for a, b in zip(seconds_low, seconds_high, strict=True)]
     return {"classes": [low, high], "head": spec["head"], "rounds": len(ratios),
-            "step_seconds_low": seconds[low], "step_seconds_high": seconds[high],
+            "step_seconds_low": seconds_low, "step_seconds_high": seconds_high,
             "rounds_ratio_x": ratios, "ratio_x": statistics.median(ratios)}
 
 
@@ -283,23 +273,12 @@ def _measure(step, device, measured_steps: int, memory_steps: int = 2,
     """
     import torch
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def timed_step() -> float:
-        sync()
-        started = time.perf_counter()
-        step()
-        sync()
-        return time.perf_counter() - started
-
     times: list[float] = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         step()  # warm-up
     else:
-        last = [timed_step() for _ in range(max(1, memory_steps))][-1]
+        last = [_timed_call(step, device) for _ in range(max(1, memory_steps))][-1]
         peak = _peak_rss_bytes()
         if last >= UNTIMED_STEP_MAX_SECONDS:
             times.append(last)  # a slow step: the last memory step is the first timed one
@@ -308,11 +287,45 @@ def _measure(step, device, measured_steps: int, memory_steps: int = 2,
     budget = MEASURE_SECONDS if measure_seconds is None else measure_seconds
     while len(times) < max(1, measured_steps) or (
             sum(times) < budget and len(times) < MAX_MEASURED_STEPS):
-        times.append(timed_step())
+        times.append(_timed_call(step, device))
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     return {"peak_bytes": int(peak), "step_seconds": statistics.median(times),
             "timed_steps": len(times)}
+
+
+def _timed_call(step, device) -> float:
+    """Seconds of one ``step()``, on CUDA with the work it queued (synchronised around it)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def _alternating_rounds(rounds: int, first, second, on_round=None
+                        ) -> tuple[list[float], list[float]]:
+    """``first()`` and ``second()`` once per round, the order alternating (``first`` leads in
+    even rounds), so that a machine slowing down or speeding up weighs on both sides alike.
+    ``on_round(a, b)`` sees each round's pair of results."""
+    firsts: list[float] = []
+    seconds: list[float] = []
+    for round_index in range(max(1, rounds)):
+        if round_index % 2 == 0:
+            a = first()
+            b = second()
+        else:
+            b = second()
+            a = first()
+        firsts.append(a)
+        seconds.append(b)
+        if on_round is not None:
+            on_round(a, b)
+    return firsts, seconds
 
 
 def _run_point_child(spec_json: str) -> None:
@@ -480,14 +493,13 @@ def bench_loader(settings: BenchSettings, workdir: Path, shards: Path, log) -> d
         return loader_throughput(shards, images=settings.loader_images, source=source,
                                  **figures, **extra)
 
-    shard_runs, loose_runs = [], []
-    for round_index in range(max(1, settings.loader_rounds)):
-        order = ("shards", "files") if round_index % 2 == 0 else ("files", "shards")
-        got = {source: measure(source) for source in order}
-        shard_runs.append(got["shards"])
-        loose_runs.append(got["files"])
-        log(f"loader shards {got['shards']:8.1f} images/s; loose files {got['files']:8.1f} "
-            f"images/s ({got['shards'] / got['files']:.2f}x)")
+    def log_round(shard_rate: float, file_rate: float) -> None:
+        log(f"loader shards {shard_rate:8.1f} images/s; loose files {file_rate:8.1f} "
+            f"images/s ({shard_rate / file_rate:.2f}x)")
+
+    shard_runs, loose_runs = _alternating_rounds(settings.loader_rounds,
+                                                 lambda: measure("shards"),
+                                                 lambda: measure("files"), log_round)
     ratios = [a / b for a, b in zip(shard_runs, loose_runs, strict=True)]
     cold = _storage_read_rates(shards, workdir / "loose", settings.loader_rounds)
     if cold:
@@ -505,11 +517,9 @@ def bench_loader(settings: BenchSettings, workdir: Path, shards: Path, log) -> d
             "rounds_speedup_x": ratios, "storage_read": cold}
 
 
-def _drop_from_page_cache(paths: list[Path]) -> bool:
+def _drop_from_page_cache(paths: list[Path]) -> None:
     """Ask the kernel to drop the files' cached pages (written back first, so none stays
-    dirty); False where ``posix_fadvise`` does not exist. Nothing but the cache changes."""
-    if not hasattr(os, "posix_fadvise"):
-        return False
+    dirty); needs ``posix_fadvise``. Nothing but the cache changes."""
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -517,7 +527,6 @@ def _drop_from_page_cache(paths: list[Path]) -> bool:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-    return True
 
 
 def _storage_read_rates(shards_dir: Path, loose_dir: Path, rounds: int
@@ -535,7 +544,7 @@ def _storage_read_rates(shards_dir: Path, loose_dir: Path, rounds: int
     tars = list_shards(shards_dir)
     loose = sorted(loose_dir.glob("*.jpg"))
     files = [path for image in loose for path in (image, image.with_suffix(".png"))]
-    if not tars or not files or not _drop_from_page_cache(tars + files):
+    if not tars or not files or not hasattr(os, "posix_fadvise"):
         return None
 
     def shard_rate() -> float:
@@ -552,14 +561,7 @@ def _storage_read_rates(shards_dir: Path, loose_dir: Path, rounds: int
             path.read_bytes()
         return len(loose) / (time.perf_counter() - started)
 
-    shard_runs, loose_runs = [], []
-    for round_index in range(max(1, rounds)):
-        if round_index % 2 == 0:
-            shard_runs.append(shard_rate())
-            loose_runs.append(file_rate())
-        else:
-            loose_runs.append(file_rate())
-            shard_runs.append(shard_rate())
+    shard_runs, loose_runs = _alternating_rounds(rounds, shard_rate, file_rate)
     ratios = [a / b for a, b in zip(shard_runs, loose_runs, strict=True)]
     return {"samples": len(loose), "rounds": len(ratios),
             "images_per_second_shards": statistics.median(shard_runs),
@@ -880,9 +882,13 @@ def run_bench(*, quick: bool, gpu_sizes: bool, out: Path, json_path: Path | None
     part_seconds: dict[str, float] = {}
     json_path = json_path or out / "bench.json"
 
-    def save(complete: bool = False) -> None:
+    def save(complete: bool = False, with_plot: bool = True) -> None:
         _write_outputs(result, settings, out=out, json_path=json_path,
-                       part_seconds=part_seconds, started=started, complete=complete)
+                       part_seconds=part_seconds, started=started, complete=complete,
+                       with_plot=with_plot)
+
+    def save_point() -> None:  # the plot waits for the end of the part
+        save(with_plot=False)
 
     def timed_part(name: str, run):
         part_started = time.time()
@@ -891,12 +897,13 @@ def run_bench(*, quick: bool, gpu_sizes: bool, out: Path, json_path: Path | None
         return value
 
     if "memory" in parts:
-        timed_part("memory", lambda: bench_memory(settings, log, result["memory"], save))
+        timed_part("memory", lambda: bench_memory(settings, log, result["memory"],
+                                                  save_point))
         result["step_time_pairs"] = timed_part("step_time_pairs",
                                                lambda: bench_step_pairs(settings, log))
         save()
     if "loss" in parts:
-        timed_part("loss", lambda: bench_loss(settings, log, result["loss"], save))
+        timed_part("loss", lambda: bench_loss(settings, log, result["loss"], save_point))
     with tempfile.TemporaryDirectory(prefix="embseg-bench-") as tmp:
         loader_shards = shards
         if "build" in parts:
@@ -915,9 +922,10 @@ def run_bench(*, quick: bool, gpu_sizes: bool, out: Path, json_path: Path | None
 
 def _write_outputs(result: dict[str, Any], settings: BenchSettings, *, out: Path,
                    json_path: Path, part_seconds: dict[str, float], started: float,
-                   complete: bool) -> None:
-    """Derived figures, then the JSON, the markdown and (with memory rows) the plot; called
-    after every point and part, so a run cut short still leaves what it measured."""
+                   complete: bool, with_plot: bool = True) -> None:
+    """Derived figures, then the JSON, the markdown and (with memory rows and ``with_plot``)
+    the plot; called after every point (JSON and markdown) and part (all three), so a run
+    cut short still leaves what it measured."""
     result["complete"] = complete
     result["part_seconds"] = dict(part_seconds)
     result["softmax_over_ess_memory_at_1284"] = softmax_ess_ratio(result)
@@ -929,7 +937,7 @@ def _write_outputs(result: dict[str, Any], settings: BenchSettings, *, out: Path
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     (out / "bench.md").write_text(to_markdown(result))
-    if result["memory"]:
+    if result["memory"] and with_plot:
         plot(result, out / "memory_vs_classes.png")
 
 

@@ -252,3 +252,15 @@ def test_a_run_cut_short_leaves_the_points_it_measured(tmp_path, monkeypatch):
     assert saved["complete"] is False and len(saved["memory"]) == 2
     assert saved["memory"][1]["peak_bytes"] == 2 * 2**20
     assert "Incomplete: the run stopped" in (tmp_path / "bench.md").read_text()
+
+
+def test_alternating_rounds_swap_which_side_goes_first():
+    calls, seen = [], []
+
+    def side(name: str, value: float):
+        return lambda: calls.append(name) or value
+
+    firsts, seconds = bench._alternating_rounds(3, side("a", 1.0), side("b", 2.0),
+                                                lambda a, b: seen.append((a, b)))
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert firsts == [1.0] * 3 and seconds == [2.0] * 3 and seen == [(1.0, 2.0)] * 3
