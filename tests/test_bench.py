@@ -264,3 +264,54 @@ def test_alternating_rounds_swap_which_side_goes_first():
                                                 lambda a, b: seen.append((a, b)))
     assert calls == ["a", "b", "b", "a", "a", "b"]
     assert firsts == [1.0] * 3 and seconds == [2.0] * 3 and seen == [(1.0, 2.0)] * 3
+
+
+_BLOCK_PIPELINE_PACKAGES = '''
+import sys
+
+BLOCKED = {"ray", "webdataset", "prefect", "pycocotools", "lvis", "fastapi"}
+
+
+class _Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is not installed here (blocked by the test)")
+        return None
+
+
+sys.meta_path.insert(0, _Blocked())
+'''
+
+
+def test_memory_and_loss_parts_need_no_pipeline_packages(tmp_path):
+    """The lent GPU machine has torch, numpy, matplotlib and numba but none of the pipeline's
+    packages (Ray, WebDataset, Prefect, the COCO/LVIS APIs): the training-step and loss
+    parts, which are what runs there, must import none of them, in the parent or a point."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "sitecustomize.py").write_text(_BLOCK_PIPELINE_PACKAGES)
+    script = '''
+import json
+try:
+    import ray  # noqa: F401
+    raise SystemExit("the blocker is not active")
+except ImportError:
+    pass
+from embseg import bench, cli  # noqa: F401
+step = bench.run_point({"kind": "step", "device": "cpu", "head": "embedding", "classes": 30,
+                        "cpu_memory_cap_gib": 8, "measured_steps": 1, "measure_seconds": 0.0,
+                        "backbone": "tiny", "batch": 1, "size": 32, "output_stride": 16,
+                        "embed_dim": 8})
+loss = bench.run_point({"kind": "loss", "device": "cpu", "head": "ess", "classes": 30,
+                        "embed_dim": 8, "pixels": [1, 8, 8], "cpu_memory_cap_gib": 8,
+                        "measured_steps": 1})
+print(json.dumps([step["peak_bytes"], loss["peak_bytes"]]))
+'''
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peaks = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(peak > 10 * 2**20 for peak in peaks)
