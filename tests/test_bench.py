@@ -64,6 +64,8 @@ def test_one_real_point_runs_in_a_subprocess_and_reports_peak_and_time():
     assert result["peak_bytes"] > 10 * 2**20  # a Python + torch process
     assert result["step_seconds"] > 0
     assert result["timed_steps"] == bench.MAX_MEASURED_STEPS  # a cheap step is repeated
+    # the libraries' resident pages are part of the peak, reported beside it
+    assert 0 < result["mapped_file_bytes"] < result["peak_bytes"]
     json.dumps(result)
 
 
@@ -315,3 +317,21 @@ print(json.dumps([step["peak_bytes"], loss["peak_bytes"]]))
     assert proc.returncode == 0, proc.stderr[-2000:]
     peaks = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(peak > 10 * 2**20 for peak in peaks)
+
+
+def test_report_separates_mapped_files_from_the_peaks_and_names_the_versions():
+    result = _result({21: 1000 * 2**20, 1284: 1010 * 2**20}, {21: 1.0},
+                     {21: 900 * 2**20, 1284: None})
+    for row, mapped in zip(result["memory"], (200, 210, 190, None), strict=True):
+        row["mapped_file_bytes"] = None if mapped is None else mapped * 2**20
+    result["loss"] = [{"head": "ess", "classes": 21, "pixels": 64, "peak_bytes": 400 * 2**20,
+                       "mapped_file_bytes": 150 * 2**20, "step_seconds": 0.1}]
+    result["versions"] = {"python": "3.11.7", "torch": "2.13.0+cpu", "cuda": None}
+    text = bench.to_markdown(result)
+    assert "python 3.11.7, torch 2.13.0+cpu." in text  # a version that is None is left out
+    # training step: mapped files 190-210 MiB; peak minus them 710-800 MiB
+    assert "Of these peaks, 190-210 MiB are resident pages of mapped files" in text
+    assert "Peak minus them: 710-800 MiB" in text
+    assert "Peak minus them: 250-250 MiB" in text  # the loss table's own line
+    versions = bench.software_versions()
+    assert versions["torch"] and versions["numpy"] and versions["python"].count(".") == 2
