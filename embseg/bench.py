@@ -608,12 +608,19 @@ def _fmt_seconds(value: float | None) -> str:
 def _point(rows: list[dict[str, Any]], head: str, classes: int, key: str):
     for row in rows:
         if row["head"] == head and row["classes"] == classes:
-            return row[key]
+            return row.get(key)  # mapped_file_bytes: CPU runs of 2026-12-01 on
     return None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a / b
+
+
+def _without_mapped_files(rows: list[dict[str, Any]], head: str, classes: int) -> int | None:
+    """A CPU point's peak minus its resident mapped-file pages (None: not recorded, or OOM)."""
+    peak, mapped = (_point(rows, head, classes, "peak_bytes"),
+                    _point(rows, head, classes, "mapped_file_bytes"))
+    return None if peak is None or mapped is None else peak - mapped
 
 
 def _memory_goals(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
@@ -624,8 +631,16 @@ def _memory_goals(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
     lo, hi = classes[0], classes[-1]
     mem_ratio = _ratio(_point(memory, "ess", hi, "peak_bytes"),
                        _point(memory, "ess", lo, "peak_bytes"))
+    # on CPU the goal also holds without the libraries' resident pages, a share that the
+    # page cache sets and that would dilute any growth
+    anon_ratio = _ratio(_without_mapped_files(memory, "ess", hi),
+                        _without_mapped_files(memory, "ess", lo))
+    detail = f"{mem_ratio and round(mem_ratio, 3)}x"
+    if anon_ratio is not None:
+        detail += f"; {anon_ratio:.3f}x without mapped files"
     out.append((f"ESS peak memory at C={hi} <= 1.10x that at C={lo}",
-                mem_ratio is not None and mem_ratio <= 1.10, f"{mem_ratio and round(mem_ratio, 3)}x"))
+                mem_ratio is not None and mem_ratio <= 1.10
+                and (anon_ratio is None or anon_ratio <= 1.10), detail))
     pair = step_time_pair(result)
     if pair is not None:
         time_ratio = pair.get("ratio_x")
@@ -677,6 +692,14 @@ def softmax_ess_ratio(result: dict[str, Any], classes: int = 1284) -> float | No
     return None if soft is None or ess_peak is None else soft / ess_peak
 
 
+def softmax_ess_ratio_without_mapped_files(result: dict[str, Any], classes: int = 1284
+                                           ) -> float | None:
+    """:func:`softmax_ess_ratio` of the peaks minus their mapped-file pages (CPU runs)."""
+    memory = result["memory"]
+    return _ratio(_without_mapped_files(memory, "softmax", classes),
+                  _without_mapped_files(memory, "ess", classes))
+
+
 def _memory_notes(result: dict[str, Any]) -> list[str]:
     """Lines under the training-step table: how peaks were taken, the O(C d) floor, the load."""
     settings = result.get("settings", {})
@@ -707,17 +730,22 @@ def _memory_notes(result: dict[str, Any]) -> list[str]:
 
 def _mapped_files_lines(rows: list[dict[str, Any]]) -> list[str]:
     """One line: how much of the CPU peaks are mapped files, and the anonymous part's range."""
-    pairs = [(r["peak_bytes"], r["mapped_file_bytes"]) for r in rows
-             if r.get("mapped_file_bytes") is not None and r["peak_bytes"] is not None]
-    if not pairs:
+    rows = [r for r in rows
+            if r.get("mapped_file_bytes") is not None and r["peak_bytes"] is not None]
+    if not rows:
         return []
-    files = [f / 2**20 for _, f in pairs]
-    anonymous = [(p - f) / 2**20 for p, f in pairs]
+    files = [r["mapped_file_bytes"] / 2**20 for r in rows]
+    ranges = []
+    for head, name in (("ess", "ESS"), ("softmax", "softmax")):
+        rest = [(r["peak_bytes"] - r["mapped_file_bytes"]) / 2**20 for r in rows
+                if r["head"] == head]
+        if rest:
+            ranges.append(f"{name} {min(rest):.0f}-{max(rest):.0f} MiB")
     return [f"Of these peaks, {min(files):.0f}-{max(files):.0f} MiB are resident pages of "
             f"mapped files (shared libraries): the page cache, not the method, sets that share "
             f"(on a 2-core CPU machine, the same points read 50-110 MiB apart from two "
-            f"checkouts). Peak minus them: {min(anonymous):.0f}-{max(anonymous):.0f} MiB "
-            f"(`mapped_file_bytes` in the JSON)."]
+            f"checkouts). Peak minus them: {', '.join(ranges)} (`mapped_file_bytes` in the "
+            f"JSON)."]
 
 
 def _load_lines(result: dict[str, Any]) -> list[str]:
@@ -809,8 +837,10 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines += ["", "## Goals", ""]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {name} ({detail})" for name, ok, detail in goals(result)]
     if memory:
+        anon = softmax_ess_ratio_without_mapped_files(result)
         lines.append(f"- softmax/ESS peak memory at C=1284: "
-                     f"{'softmax OOM' if ratio is None else f'{ratio:.2f}x'}")
+                     f"{'softmax OOM' if ratio is None else f'{ratio:.2f}x'}"
+                     + ("" if anon is None else f" ({anon:.2f}x without mapped files)"))
     return "\n".join(lines) + "\n"
 
 
@@ -992,6 +1022,8 @@ def _write_outputs(result: dict[str, Any], settings: BenchSettings, *, out: Path
     result["complete"] = complete
     result["part_seconds"] = dict(part_seconds)
     result["softmax_over_ess_memory_at_1284"] = softmax_ess_ratio(result)
+    result["softmax_over_ess_memory_at_1284_without_mapped_files"] = \
+        softmax_ess_ratio_without_mapped_files(result)
     result["goals"] = [{"goal": n, "passed": ok, "value": d} for n, ok, d in goals(result)]
     if result["memory"]:
         result["class_table_floor_bytes"] = class_table_floor_bytes(settings)
