@@ -111,7 +111,27 @@ def _limit_address_space(cap_gib: float) -> None:
 
 
 def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set of this process image: Linux's ``VmHWM``.
+
+    Not ``ru_maxrss``: that survives ``execve``, and a subprocess started by vfork (as
+    ``subprocess`` does) begins with its parent's peak, so every point of a parent that once
+    held 2 GiB read 2 GiB. ``ru_maxrss`` only where ``/proc`` is absent.
+    """
+    value = _proc_status_bytes("VmHWM")
+    return value if value is not None else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` in bytes (None where it is not available)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _mapped_file_rss_bytes() -> int | None:
@@ -123,14 +143,7 @@ def _mapped_file_rss_bytes() -> int | None:
     read the same points 50-110 MiB apart, with equal anonymous memory (to 4 KiB after
     ``import torch``).
     """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("RssFile:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return _proc_status_bytes("RssFile")
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -913,7 +926,7 @@ def settings_record(settings: BenchSettings, *, quick: bool, gpu_sizes: bool
             "cpu_memory_cap_gib": settings.cpu_memory_cap_gib,
             "point_env": dict(POINT_ENV) if settings.device == "cpu" else {},
             "peak_memory": ("torch.cuda.max_memory_allocated" if settings.device == "cuda"
-                            else "peak RSS (ru_maxrss) of the point's subprocess"),
+                            else "peak RSS (VmHWM) of the point's subprocess"),
             "build_images": settings.build_images, "build_image_size_px": settings.build_size,
             "loader_images": settings.loader_images, "loader_rounds": settings.loader_rounds,
             "step_pair_classes": list(settings.step_pair_classes),

@@ -353,3 +353,28 @@ def test_memory_goal_also_holds_without_the_mapped_file_pages():
     assert bench.softmax_ess_ratio_without_mapped_files(rows) == 1000 / 710
     rows["softmax_over_ess_memory_at_1284"] = bench.softmax_ess_ratio(rows)
     assert "1.29x (1.41x without mapped files)" in bench.to_markdown(rows)
+
+
+def test_a_point_does_not_inherit_the_peak_of_the_process_that_started_it():
+    """``ru_maxrss`` survives exec, and a vforked child starts with its parent's peak: a
+    parent that once held 1.5 GiB made every point read at least 1.5 GiB. The peak is the
+    point's own (VmHWM). The parent is a subprocess, so the test process stays small."""
+    import subprocess
+    import sys
+
+    script = """
+import json
+from embseg import bench
+block = bytearray(1536 * 2**20)
+for offset in range(0, len(block), 4096):
+    block[offset] = 1
+del block
+print(json.dumps(bench.run_point({"kind": "loss", "device": "cpu", "head": "softmax",
+                                  "classes": 10, "embed_dim": 8, "pixels": [1, 8, 8],
+                                  "cpu_memory_cap_gib": 8, "measured_steps": 1})))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
+    assert 10 * 2**20 < peak < 1024 * 2**20  # a Python + torch process, not its parent
