@@ -1,15 +1,18 @@
 """``embseg bench``: memory and speed of the ESS head against the softmax baseline as the class
 count grows, and the throughput of the dataset build and of the training input pipeline.
 
-Every memory/speed point runs in a fresh subprocess, so one point's allocations never inflate
-another's peak: on CUDA the peak is ``torch.cuda.max_memory_allocated`` after
-``reset_peak_memory_stats``; on CPU it is the subprocess's peak resident set size. A point that
-does not fit (CUDA out-of-memory, or the CPU address-space cap) is recorded with a null peak.
+Every memory/speed point runs in a process of its own, so one point's allocations never
+inflate another's peak: on CUDA a fresh interpreter, whose peak is
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``; on CPU a child forked
+from a server that has imported torch once (:class:`PointServer`), whose peak is its own peak
+resident set size. A point that does not fit (CUDA out-of-memory, or the CPU address-space
+cap) is recorded with a null peak.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -387,14 +390,110 @@ def run_point(spec: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ, **POINT_ENV)
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True,
                           text=True, timeout=POINT_TIMEOUT_S, env=env)
-    if proc.returncode == 0 and proc.stdout.strip():
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-    elif proc.returncode < 0 or _is_oom(RuntimeError(proc.stderr)):
-        result = {"peak_bytes": None, "step_seconds": None, "oom": True}
-    else:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"benchmark point {spec} failed: {last}")
-    return result
+    return _point_result(spec, proc.returncode, proc.stdout, proc.stderr)
+
+
+def _point_result(spec: dict[str, Any], returncode: int, stdout: str, stderr: str
+                  ) -> dict[str, Any]:
+    """A finished point's JSON result; OOM for a kill or an out-of-memory error, else raise."""
+    if returncode == 0 and stdout.strip():
+        return json.loads(stdout.strip().splitlines()[-1])
+    if returncode < 0 or _is_oom(RuntimeError(stderr)):
+        return {"peak_bytes": None, "step_seconds": None, "oom": True}
+    last = (stderr.strip().splitlines() or ["no output"])[-1]
+    raise RuntimeError(f"benchmark point {spec} failed: {last}")
+
+
+class PointServer:
+    """Runs CPU points, each in a child process forked from one interpreter that has already
+    imported torch and the model code.
+
+    A fresh interpreter per point spends ~2.5 s of a 2-core CPU on imports before its first
+    step, about a minute of ``--quick``. A forked child is still a process of its own: its
+    peak (VmHWM) starts at what the server held at the fork, a Python + torch process like a
+    fresh one, and its allocations die with it. The server never runs torch work itself, so
+    no OpenMP thread pool exists to be broken by the fork, and numba is not imported there
+    (the softmax points would carry its libraries). Use :func:`run_point` on CUDA.
+    """
+
+    def __init__(self) -> None:
+        code = "from embseg.bench import _serve_points; _serve_points()"
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, env=dict(os.environ, **POINT_ENV), start_new_session=True)
+
+    def run(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """:func:`run_point` of ``spec`` in a forked child (same results, same errors)."""
+        import select
+
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(json.dumps(spec) + "\n")
+        self._proc.stdin.flush()
+        ready, _, _ = select.select([self._proc.stdout], [], [], POINT_TIMEOUT_S)
+        if not ready:
+            self.close()
+            raise subprocess.TimeoutExpired(f"benchmark point {spec}", POINT_TIMEOUT_S)
+        line = self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmark point {spec} failed: the point server exited "
+                               f"({self._proc.wait()})")
+        answer = json.loads(line)
+        return _point_result(spec, answer["returncode"], answer["stdout"], answer["stderr"])
+
+    def close(self) -> None:
+        """Stop the server and any child it is running."""
+        if self._proc.poll() is None:
+            import signal
+
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        self._proc.wait()
+
+    def __enter__(self) -> PointServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _serve_points() -> None:
+    """The :class:`PointServer` process: one JSON spec per line in, one answer per line out
+    (the child's exit code, negative for a signal, and what it printed)."""
+    import traceback
+
+    import torch  # noqa: F401 - imported once here, inherited by every forked point
+
+    import embseg.ess  # noqa: F401
+    import embseg.models  # noqa: F401
+
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # nothing else printed here can reach the answers
+    for line in sys.stdin:
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:  # the point
+                code = 1
+                try:
+                    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+                    os.dup2(out.fileno(), 1)
+                    os.dup2(err.fileno(), 2)
+                    _run_point_child(line.strip())
+                    code = 0
+                except BaseException:  # noqa: BLE001 - reported through stderr and the code
+                    traceback.print_exc()
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            out.seek(0)
+            err.seek(0)
+            answers.write(json.dumps({
+                "returncode": os.waitstatus_to_exitcode(status),
+                "stdout": out.read().decode(errors="replace"),
+                "stderr": err.read().decode(errors="replace")}) + "\n")
+            answers.flush()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,7 +501,7 @@ def run_point(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def bench_memory(settings: BenchSettings, log, rows: list[dict[str, Any]] | None = None,
-                 on_point=None) -> list[dict[str, Any]]:
+                 on_point=None, run=run_point) -> list[dict[str, Any]]:
     """Part 1: peak memory and step time of a training step, ESS vs softmax, vs C.
 
     Rows are appended to ``rows`` (a new list by default) and ``on_point()`` runs after each
@@ -415,7 +514,7 @@ def bench_memory(settings: BenchSettings, log, rows: list[dict[str, Any]] | None
                         "classes": classes, "cpu_memory_cap_gib": settings.cpu_memory_cap_gib,
                         "measured_steps": settings.measured_steps,
                         "measure_seconds": _step_measure_seconds(settings), **asdict(setting)}
-                result = run_point(spec)
+                result = run(spec)
                 row = {"head": head_name, "classes": classes, "backbone": setting.backbone,
                        "batch": setting.batch, "image_size_px": setting.size,
                        "output_stride": setting.output_stride,
@@ -431,7 +530,7 @@ def bench_memory(settings: BenchSettings, log, rows: list[dict[str, Any]] | None
     return rows
 
 
-def bench_step_pairs(settings: BenchSettings, log) -> list[dict[str, Any]]:
+def bench_step_pairs(settings: BenchSettings, log, run=run_point) -> list[dict[str, Any]]:
     """Part 1b: the ESS step-time goal's two class counts timed alternately in one process
     (:func:`_step_pair_point`), per backbone; an entry with ``"oom": true`` if they do not fit."""
     pairs = []
@@ -440,7 +539,7 @@ def bench_step_pairs(settings: BenchSettings, log) -> list[dict[str, Any]]:
                 "classes_pair": list(settings.step_pair_classes),
                 "rounds": settings.step_pair_rounds,
                 "cpu_memory_cap_gib": settings.cpu_memory_cap_gib, **asdict(setting)}
-        result = run_point(spec)
+        result = run(spec)
         low, high = settings.step_pair_classes
         pair = {"backbone": setting.backbone, "head": "ess", "classes": [low, high], **{
             key: value for key, value in result.items() if key not in ("classes", "head")}}
@@ -464,7 +563,7 @@ def _loss_steps(settings: BenchSettings) -> int:
 
 
 def bench_loss(settings: BenchSettings, log, rows: list[dict[str, Any]] | None = None,
-               on_point=None) -> list[dict[str, Any]]:
+               on_point=None, run=run_point) -> list[dict[str, Any]]:
     """Part 2: the loss alone, ess_loss + margin_penalty vs full cross-entropy, vs C (rows and
     ``on_point`` as in :func:`bench_memory`)."""
     rows = [] if rows is None else rows
@@ -475,7 +574,7 @@ def bench_loss(settings: BenchSettings, log, rows: list[dict[str, Any]] | None =
                     "embed_dim": 32, "pixels": list(settings.loss_pixels),
                     "cpu_memory_cap_gib": settings.cpu_memory_cap_gib,
                     "measured_steps": _loss_steps(settings)}
-            result = run_point(spec)
+            result = run(spec)
             row = {"head": head, "classes": classes, "pixels": batch * height * width,
                    "peak_bytes": result["peak_bytes"],
                    "mapped_file_bytes": result.get("mapped_file_bytes"),
@@ -731,7 +830,9 @@ def _memory_notes(result: dict[str, Any]) -> list[str]:
                      f"weights.")
     if settings.get("point_env"):
         env = " ".join(f"{k}={v}" for k, v in settings["point_env"].items())
-        lines.append(f"Subprocess environment: `{env}`.")
+        process = settings.get("point_process")
+        lines.append(f"Each point's process{f' ({process})' if process else ''}, environment: "
+                     f"`{env}`.")
     lines += _mapped_files_lines(result["memory"])
     floor = result.get("class_table_floor_bytes")
     if floor:
@@ -926,7 +1027,9 @@ def settings_record(settings: BenchSettings, *, quick: bool, gpu_sizes: bool
             "cpu_memory_cap_gib": settings.cpu_memory_cap_gib,
             "point_env": dict(POINT_ENV) if settings.device == "cpu" else {},
             "peak_memory": ("torch.cuda.max_memory_allocated" if settings.device == "cuda"
-                            else "peak RSS (VmHWM) of the point's subprocess"),
+                            else "peak RSS (VmHWM) of the point's process"),
+            "point_process": ("a fresh interpreter" if settings.device == "cuda" else
+                              "forked from a server that imported torch once"),
             "build_images": settings.build_images, "build_image_size_px": settings.build_size,
             "loader_images": settings.loader_images, "loader_rounds": settings.loader_rounds,
             "step_pair_classes": list(settings.step_pair_classes),
@@ -1002,14 +1105,19 @@ def run_bench(*, quick: bool, gpu_sizes: bool, out: Path, json_path: Path | None
         part_seconds[name] = round(time.time() - part_started, 1)
         return value
 
-    if "memory" in parts:
-        timed_part("memory", lambda: bench_memory(settings, log, result["memory"],
-                                                  save_point))
-        result["step_time_pairs"] = timed_part("step_time_pairs",
-                                               lambda: bench_step_pairs(settings, log))
-        save()
-    if "loss" in parts:
-        timed_part("loss", lambda: bench_loss(settings, log, result["loss"], save_point))
+    with contextlib.ExitStack() as stack:
+        run = run_point
+        if device == "cpu" and ("memory" in parts or "loss" in parts):
+            run = stack.enter_context(PointServer()).run
+        if "memory" in parts:
+            timed_part("memory", lambda: bench_memory(settings, log, result["memory"],
+                                                      save_point, run))
+            result["step_time_pairs"] = timed_part(
+                "step_time_pairs", lambda: bench_step_pairs(settings, log, run))
+            save()
+        if "loss" in parts:
+            timed_part("loss", lambda: bench_loss(settings, log, result["loss"], save_point,
+                                                  run))
     with tempfile.TemporaryDirectory(prefix="embseg-bench-") as tmp:
         loader_shards = shards
         if "build" in parts:

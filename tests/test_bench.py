@@ -246,7 +246,17 @@ def test_a_run_cut_short_leaves_the_points_it_measured(tmp_path, monkeypatch):
             raise RuntimeError("the machine went away")
         return {"peak_bytes": 2**20 * len(calls), "step_seconds": 0.5, "timed_steps": 1}
 
-    monkeypatch.setattr(bench, "run_point", fake_point)
+    class FakeServer:  # CPU points go through the point server
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def run(self, spec):
+            return fake_point(spec)
+
+    monkeypatch.setattr(bench, "PointServer", FakeServer)
     with pytest.raises(RuntimeError, match="the machine went away"):
         bench.run_bench(quick=True, gpu_sizes=False, out=tmp_path, json_path=None,
                         parts=("memory", "loss"), log=lambda line: None)
@@ -369,12 +379,35 @@ block = bytearray(1536 * 2**20)
 for offset in range(0, len(block), 4096):
     block[offset] = 1
 del block
-print(json.dumps(bench.run_point({"kind": "loss", "device": "cpu", "head": "softmax",
-                                  "classes": 10, "embed_dim": 8, "pixels": [1, 8, 8],
-                                  "cpu_memory_cap_gib": 8, "measured_steps": 1})))
+spec = {"kind": "loss", "device": "cpu", "head": "softmax", "classes": 10, "embed_dim": 8,
+        "pixels": [1, 8, 8], "cpu_memory_cap_gib": 8, "measured_steps": 1}
+with bench.PointServer() as server:
+    served = server.run(spec)
+print(json.dumps([bench.run_point(spec)["peak_bytes"], served["peak_bytes"]]))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
-    assert 10 * 2**20 < peak < 1024 * 2**20  # a Python + torch process, not its parent
+    for peak in json.loads(proc.stdout.strip().splitlines()[-1]):  # fresh, then forked
+        assert 10 * 2**20 < peak < 1024 * 2**20  # a Python + torch process, not its parent
+
+
+def test_point_server_children_measure_what_a_fresh_process_does_and_fail_alike():
+    """A point forked from the server holds the same anonymous memory as one in a fresh
+    interpreter (only the libraries' resident pages differ); an error or an OOM of one point
+    is reported as from a fresh process, and the server goes on serving."""
+    spec = {"kind": "loss", "device": "cpu", "head": "ess", "classes": 300, "embed_dim": 8,
+            "pixels": [1, 32, 32], "cpu_memory_cap_gib": 8, "measured_steps": 1}
+    oom = {"kind": "loss", "device": "cpu", "head": "softmax", "classes": 20_000,
+           "embed_dim": 8, "pixels": [4, 128, 128], "cpu_memory_cap_gib": 3,
+           "measured_steps": 1}
+    fresh = bench.run_point(spec)
+    with bench.PointServer() as server:
+        served = server.run(spec)
+        with pytest.raises(RuntimeError, match="KeyError: 'no-such-kind'"):
+            server.run({**spec, "kind": "no-such-kind"})
+        assert server.run(oom) == {"peak_bytes": None, "step_seconds": None, "oom": True}
+        again = server.run(spec)
+    anonymous = [r["peak_bytes"] - r["mapped_file_bytes"] for r in (fresh, served, again)]
+    assert max(anonymous) - min(anonymous) < 16 * 2**20, anonymous
+    assert served["step_seconds"] > 0 and served["timed_steps"] >= 1
