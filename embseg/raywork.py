@@ -41,11 +41,13 @@ CONNECT_TIMEOUT = 5.0
 
 @dataclass(frozen=True)
 class RayRuntime:
-    """The Ray that work runs on: how many CPUs it offers and whether we started it."""
+    """The Ray that work runs on: how many CPUs and nodes it offers and whether we started
+    it."""
 
     cpus: int
     started_here: bool
     address: str | None
+    nodes: int = 1
 
 
 @contextmanager
@@ -55,7 +57,8 @@ def ray_runtime(*, workers: int | None = None,
     import ray
 
     if ray.is_initialized():
-        yield RayRuntime(cpus=_cluster_cpus(ray), started_here=False, address=None)
+        yield RayRuntime(cpus=_cluster_cpus(ray), started_here=False, address=None,
+                         nodes=_alive_nodes(ray))
         return
     if workers is not None and workers < 1:
         raise EmbsegError(f"--workers must be at least 1 (got {workers})")
@@ -67,7 +70,8 @@ def ray_runtime(*, workers: int | None = None,
             reaper.set_roots(_ray_children(reaper))
         try:
             cpus = _cluster_cpus(ray) if ray_address else workers or os.cpu_count() or 1
-            yield RayRuntime(cpus=cpus, started_here=True, address=ray_address)
+            yield RayRuntime(cpus=cpus, started_here=True, address=ray_address,
+                             nodes=_alive_nodes(ray))
         finally:
             ray.shutdown()
     finally:
@@ -108,6 +112,11 @@ def _check_reachable(address: str) -> None:
 
 def _cluster_cpus(ray: Any) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _alive_nodes(ray: Any) -> int:
+    """Nodes of the connected Ray that are alive (1 for a local Ray)."""
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
 def map_unordered(

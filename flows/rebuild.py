@@ -80,7 +80,7 @@ def build_shards_task(plans: list[BuildPlan], *, workers: int | None,
     logger = get_run_logger()
     reports: dict[str, BuildReport] = {}
     with ray_runtime(workers=workers, ray_address=ray_address) as runtime:
-        logger.info("Ray: %d CPUs (%s)", runtime.cpus,
+        logger.info("Ray: %d CPUs on %d node(s) (%s)", runtime.cpus, runtime.nodes,
                     runtime.address or ("local" if runtime.started_here else "already running"))
         for plan in plans:
             reports[plan.split] = execute_plan(plan, workers=workers, ray_address=ray_address,

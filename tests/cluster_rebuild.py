@@ -2,7 +2,7 @@
 
 ``python tests/cluster_rebuild.py PARAMS.json``: starts ``ray.cluster_utils.Cluster`` with a
 head that offers no CPU and two worker nodes of 1 CPU each (so every task runs on a node other
-than the head, and the work has to spread over both), runs the
+than the head), runs the
 ``dataset-rebuild`` flow with ``ray_address`` set to the cluster, prints the flow's result as
 JSON on the last line, and shuts the cluster down. It runs in its own process because the
 pytest process already holds a local Ray (the ``ray_local`` fixture).

@@ -333,13 +333,19 @@ def test_fatal_bad_input_exit_2_with_one_line(synth, tmp_path, capsys):
 
 def test_ray_address_joins_an_existing_cluster(synth, built, ray_local, tmp_path):
     """A subprocess builds on the test session's Ray via --ray-address and leaves it running."""
+    from ray._private.state import jobs  # the GCS job table (the public one needs a dashboard)
+
     out, _ = built
     address = ray_local.get_runtime_context().gcs_address
+    jobs_before = {job["JobID"] for job in jobs()}
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     argv = [sys.executable, "-m", "embseg", *_args(synth, tmp_path / "cluster", "--ray-address",
                                                    address)]
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=180)
     assert done.returncode == 0, done.stderr
+    # the build was a driver of this Ray (a local Ray of its own would not be in its table)
+    new_jobs = [job for job in jobs() if job["JobID"] not in jobs_before]
+    assert len(new_jobs) == 1 and new_jobs[0]["IsDead"], new_jobs
     assert _shard_bytes(tmp_path / "cluster") == _shard_bytes(out)
     assert ray_local.is_initialized()
     assert ray_local.get(ray_local.remote(lambda: 7).remote()) == 7

@@ -56,7 +56,9 @@ def test_rebuild_on_a_multi_node_cluster_matches_a_single_node_build(prefect_ser
     assert report["nodes"] == 3
     assert {s: r["status"] for s, r in report["result"].items()} == {"train": "rebuilt",
                                                                      "val": "rebuilt"}
-    assert f"Ray: 2 CPUs ({report['address']})" in done.stdout + done.stderr
+    # the flow's own view of the Ray it ran on: the cluster's three nodes, not a local Ray
+    # (one node) that a wrong join could have started with this machine's 2 CPUs
+    assert f"Ray: 2 CPUs on 3 node(s) ({report['address']})" in done.stdout + done.stderr
 
     single_out = tmp_path / "single"
     single = dataset_rebuild(**params, out=single_out)  # the session's one-node local Ray
