@@ -150,7 +150,7 @@ def test_same_seed_same_batches_and_resume_from_state(colour_shards):
     partial.close()
     resumed = _batches(loader(state=state, start_step=5), 4)
     for a, b in zip(reference[5:], resumed, strict=True):
-        assert a.keys == b.keys and torch.equal(a.image, b.image)
+        assert a.keys == b.keys and torch.equal(a.image, b.image) and torch.equal(a.label, b.label)
     other_seed = _batches(train_loader(colour_shards, num_classes=C, batch_size=3, crop_size=16,
                                        seed=6, num_workers=2, shuffle_buffer=6), 3)
     assert [b.keys for b in other_seed] != [b.keys for b in reference[:3]]

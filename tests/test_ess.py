@@ -132,6 +132,8 @@ def test_knn_float32_is_nearest_first_and_on_input_device():
     assert got.dtype == torch.long and got.shape == (50, 4) and got.device == emb.device
     distances = torch.cdist(emb.double(), class_emb.double()).gather(1, got)
     assert (distances[:, 1:] >= distances[:, :-1] - 1e-6).all()
+    # and they are the nearest four, not any four in order (no near-ties in this data)
+    assert torch.equal(got, brute_knn(emb.double(), class_emb.double(), 4))
 
 
 def test_knn_rejects_bad_k_and_shapes():
