@@ -103,6 +103,30 @@ def test_metrics_rows_and_checkpoint_contents(reference_run):
     assert best["step"] in (4, 8)
 
 
+def _tag_rows(metrics: Path) -> list[dict]:
+    """Tag every row already in ``metrics`` with ``"kept": True`` and return the tagged rows.
+
+    Training is deterministic, so a run silently restarted at step 0 rewrites the same
+    losses; only rows a resume keeps still carry the tag afterwards. A line cut by a kill
+    (not JSON) is left as it is.
+    """
+    lines, tagged = [], []
+    for line in metrics.read_text().splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            lines.append(line)
+            continue
+        tagged.append({**row, "kept": True})
+        lines.append(json.dumps(tagged[-1]) + ("\n" if line.endswith("\n") else ""))
+    metrics.write_text("".join(lines))
+    return tagged
+
+
+def _all_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def _resume_copy(reference_run: Path, target: Path, checkpoint: str) -> None:
     """A run directory as a killed run would leave it: a checkpoint and the full metrics."""
     target.mkdir()
@@ -113,8 +137,16 @@ def _resume_copy(reference_run: Path, target: Path, checkpoint: str) -> None:
 def test_resume_continues_the_same_run(shards, reference_run, tmp_path):
     run = tmp_path / "resumed"
     _resume_copy(reference_run, run, "last.prev.pt")  # the step-4 checkpoint
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 4
+    before = _tag_rows(run / "metrics.jsonl")
     result = train(_config(shards, run, resume=True))
     assert result.step == 8
+    # the rows up to the checkpoint are the old ones, whole (images_per_second included);
+    # the rows after it were cut and redone: a restart at step 0 would have redone them all
+    rows = _all_rows(run)
+    assert [row for row in rows if row.get("kept")] == [r for r in before if r["step"] <= 4]
+    assert [(r["kind"], r["step"]) for r in rows if not r.get("kept")] == [
+        *[("train", step) for step in range(5, 9)], ("eval", 8)]
     got, want = _rows(run, "train"), _rows(reference_run, "train")
     assert [row["step"] for row in got] == list(range(1, 9))  # metrics cut back, then redone
     assert [row["loss"] for row in got] == pytest.approx([row["loss"] for row in want], rel=1e-5)
@@ -244,10 +276,22 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(shards, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert (killed / "last.pt").exists()
+    # where the resume must continue: the checkpoint's step (3, 6, 9, 12 are checkpointed;
+    # the kill came after step 7 was logged), and the rows the killed run logged up to it
+    killed_at = load_checkpoint(killed / "last.pt", map_location="cpu")["step"]
+    assert killed_at in (6, 9, 12), killed_at
+    before = [row for row in _tag_rows(killed / "metrics.jsonl") if row["step"] <= killed_at]
+    assert [row["step"] for row in before if row["kind"] == "train"] == list(
+        range(1, killed_at + 1))
     resumed = subprocess.run(_cli_train(shards, killed, "--resume"), env=env, cwd=REPO,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "last checkpoint:" in resumed.stdout and "metrics.jsonl" in resumed.stdout
+    # the killed run's rows up to the checkpoint are kept whole; only the later steps are new
+    rows = _all_rows(killed)
+    assert [row for row in rows if row.get("kept")] == before
+    assert [row["step"] for row in rows if not row.get("kept") and row["kind"] == "train"] == (
+        list(range(killed_at + 1, 15)))
 
     reference = tmp_path / "reference"
     train(_config(shards, reference, steps=14, checkpoint_every=3, seed=1))
