@@ -67,19 +67,53 @@ def _samples(directory: Path) -> list[tuple[np.ndarray, np.ndarray]]:
             for _, parts in sorted(members.items())]
 
 
-def _reference_miou(checkpoint: Path, directory: Path) -> float:
-    """Full-image inference image by image and a textbook confusion-matrix mIoU."""
+NEAR_TIE = 1e-5
+"""A pixel whose best two class scores are closer than this may go either way between the
+reference (float64, one image at a time) and the evaluation (float32, batched)."""
+
+
+def _reference_labels(model: torch.nn.Module, image: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Class indices 0..C-1 (H, W) by the documented rule, in plain torch: ImageNet-normalise,
+    zero-pad (the mean colour) bottom/right to a multiple of the output stride, run the model,
+    crop back to [:H, :W], nearest class embedding (or argmax of the logits); and the mask of
+    near-tie pixels (:data:`NEAR_TIE`)."""
+    stride = int(model.config["output_stride"])
+    height, width = image.shape[:2]
+    x = torch.from_numpy(((image / 255.0 - MEAN) / STD).transpose(2, 0, 1)).float()
+    padded = torch.zeros(1, 3, height + (-height) % stride, width + (-width) % stride)
+    padded[0, :, :height, :width] = x
+    with torch.no_grad():
+        output = model(padded)[0, :, :height, :width].double()
+    if model.config["head"] != "softmax":
+        table = torch.nn.functional.normalize(model.class_embeddings.detach().double(), dim=1)
+        output = torch.einsum("dhw,cd->chw", output, table)
+    top = output.topk(2, dim=0).values
+    return output.argmax(0).numpy(), (top[0] - top[1] < NEAR_TIE).numpy()
+
+
+def _reference_confusion(checkpoint: Path, directory: Path) -> tuple[np.ndarray, int]:
+    """(C, C) confusion matrix (ground truth x prediction) of full-image inference image by
+    image, on the labelled pixels, and how many of those pixels are near-ties."""
     payload = torch.load(checkpoint, weights_only=True)
     model = build_model(**payload["model_config"])
     model.load_state_dict(payload["model"])
     model.eval()
     confusion = np.zeros((C, C), dtype=np.int64)
+    near_ties = 0
     for image, label in _samples(directory):
-        x = torch.from_numpy(((image / 255.0 - MEAN) / STD).transpose(2, 0, 1)).float()[None]
-        with torch.no_grad():
-            pred = model.predict(model(x))[0].numpy()
+        pred, tie = _reference_labels(model, image)
+        assert pred.shape == label.shape
         valid = label > 0
         np.add.at(confusion, (label[valid] - 1, pred[valid]), 1)
+        near_ties += int((tie & valid).sum())
+    return confusion, near_ties
+
+
+def _reference_miou(checkpoint: Path, directory: Path) -> float:
+    """A textbook confusion-matrix mIoU of :func:`_reference_confusion`."""
+    confusion, near_ties = _reference_confusion(checkpoint, directory)
+    assert near_ties == 0, "a near-tie pixel could go either way: compare counts instead"
     tp = np.diag(confusion)
     union = confusion.sum(0) + confusion.sum(1) - tp
     return float((tp[union > 0] / union[union > 0]).mean())
@@ -106,6 +140,17 @@ def test_eval_writes_its_tables(trained, tmp_path):
     # once as ground truth and once as a prediction
     assert sum(row["target_pixels"] for row in rows) == labelled
     assert sum(row["predicted_pixels"] for row in rows) == labelled
+    # and the prediction is the model's on the image padded bottom/right with the mean colour,
+    # cropped back at the top-left corner: per-class counts equal the independent evaluation's
+    # (up to the few near-tie pixels, which float32 batched and float64 single may split
+    # differently; a wrong padding corner or crop moves dozens of pixels per class)
+    confusion, near_ties = _reference_confusion(checkpoint, root / "odd")
+    assert near_ties <= labelled // 200
+    intersections = np.array([row["intersection_pixels"] for row in rows])
+    predicted = np.array([row["predicted_pixels"] for row in rows])
+    assert np.abs(intersections - np.diag(confusion)).sum() <= near_ties
+    assert np.abs(predicted - confusion.sum(0)).sum() <= 2 * near_ties
+    assert [row["target_pixels"] for row in rows] == confusion.sum(1).tolist()
     with open(out / "per_class.csv", newline="") as handle:
         csv_rows = list(csv.DictReader(handle))
     assert [r["name"] for r in csv_rows] == [r["name"] for r in rows]
