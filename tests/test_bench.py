@@ -69,14 +69,35 @@ def test_one_real_point_runs_in_a_subprocess_and_reports_peak_and_time():
     json.dumps(result)
 
 
-def test_cheap_steps_are_timed_repeatedly_after_the_memory_and_untimed_steps():
+@pytest.fixture
+def allocator_switch(monkeypatch):
+    """The allocator switch of ``_measure`` recorded, not done: it would change malloc for
+    the rest of this test process (the real one is tested in a subprocess below)."""
+    switched = []
+    monkeypatch.setattr(bench, "_allocator_keeps_freed_memory",
+                        lambda: switched.append(True) or True)
+    return switched
+
+
+def test_cheap_steps_are_timed_repeatedly_after_the_memory_and_untimed_steps(allocator_switch):
     import torch
 
     calls = []
     result = bench._measure(lambda: calls.append(1), torch.device("cpu"), 1, memory_steps=2)
-    untimed = 1 if bench._allocator_keeps_freed_memory() else 0
-    assert len(calls) == 2 + untimed + bench.MAX_MEASURED_STEPS
+    assert allocator_switch == [True]
+    assert len(calls) == 2 + 1 + bench.MAX_MEASURED_STEPS  # memory, untimed, timed
     assert result["timed_steps"] == bench.MAX_MEASURED_STEPS and result["step_seconds"] >= 0
+
+
+def test_the_allocator_switch_works_on_glibc():
+    import subprocess
+    import sys
+
+    code = "from embseg import bench; print(bench._allocator_keeps_freed_memory())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"  # this machine's C library is glibc (mallopt)
 
 
 def test_a_point_that_does_not_fit_is_recorded_as_oom():
@@ -137,7 +158,8 @@ def test_one_real_step_pair_point_alternates_the_two_models():
     assert result["ratio_x"] == sorted(ratios)[1]
 
 
-def test_a_slow_step_counts_its_last_memory_step_as_its_first_timed_one(monkeypatch):
+def test_a_slow_step_counts_its_last_memory_step_as_its_first_timed_one(monkeypatch,
+                                                                       allocator_switch):
     import torch
 
     monkeypatch.setattr(bench, "UNTIMED_STEP_MAX_SECONDS", 0.0)  # every step counts as slow
@@ -202,7 +224,7 @@ def test_loader_part_alone_reads_the_given_shards(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
-def test_no_measure_budget_times_exactly_the_measured_steps():
+def test_no_measure_budget_times_exactly_the_measured_steps(allocator_switch):
     import torch
 
     calls = []
