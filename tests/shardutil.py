@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -123,3 +124,32 @@ def make_checkpoint(path: Path, num_classes: int, *, head: str = "embedding",
                           vocabulary=vocabulary_record(vocab),
                           class_table_hash=vocab.content_hash())
     return save_checkpoint(payload, path)
+
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
+IMAGENET_STD = np.array([0.229, 0.224, 0.225])
+
+
+NEAR_TIE = 1e-5
+"""A pixel whose best two class scores are closer than this may go either way between
+:func:`reference_labels` (float64, one image at a time) and embseg (float32, batched)."""
+
+
+def reference_labels(model: torch.nn.Module, image: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Class indices 0..C-1 (H, W) by the documented rule, in plain torch: ImageNet-normalise,
+    zero-pad (the mean colour) bottom/right to a multiple of the output stride, run the model,
+    crop back to [:H, :W], nearest class embedding (or argmax of the logits); and the mask of
+    near-tie pixels (:data:`NEAR_TIE`)."""
+    stride = int(model.config["output_stride"])
+    height, width = image.shape[:2]
+    x = torch.from_numpy(((image / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)).float()
+    padded = torch.zeros(1, 3, height + (-height) % stride, width + (-width) % stride)
+    padded[0, :, :height, :width] = x
+    with torch.no_grad():
+        output = model(padded)[0, :, :height, :width].double()
+    if model.config["head"] != "softmax":
+        table = torch.nn.functional.normalize(model.class_embeddings.detach().double(), dim=1)
+        output = torch.einsum("dhw,cd->chw", output, table)
+    top = output.topk(2, dim=0).values
+    return output.argmax(0).numpy(), (top[0] - top[1] < NEAR_TIE).numpy()

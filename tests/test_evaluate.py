@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from shardutil import colour_sample, make_vocabulary, write_shards
+from shardutil import colour_sample, make_vocabulary, reference_labels, write_shards
 
 from embseg.cli import main
 from embseg.errors import EmbsegError
@@ -23,8 +23,6 @@ from embseg.models import build_model
 from embseg.train import TrainConfig, train
 
 C = 8
-MEAN = np.array([0.485, 0.456, 0.406])
-STD = np.array([0.229, 0.224, 0.225])
 
 
 @pytest.fixture(autouse=True)
@@ -67,31 +65,6 @@ def _samples(directory: Path) -> list[tuple[np.ndarray, np.ndarray]]:
             for _, parts in sorted(members.items())]
 
 
-NEAR_TIE = 1e-5
-"""A pixel whose best two class scores are closer than this may go either way between the
-reference (float64, one image at a time) and the evaluation (float32, batched)."""
-
-
-def _reference_labels(model: torch.nn.Module, image: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Class indices 0..C-1 (H, W) by the documented rule, in plain torch: ImageNet-normalise,
-    zero-pad (the mean colour) bottom/right to a multiple of the output stride, run the model,
-    crop back to [:H, :W], nearest class embedding (or argmax of the logits); and the mask of
-    near-tie pixels (:data:`NEAR_TIE`)."""
-    stride = int(model.config["output_stride"])
-    height, width = image.shape[:2]
-    x = torch.from_numpy(((image / 255.0 - MEAN) / STD).transpose(2, 0, 1)).float()
-    padded = torch.zeros(1, 3, height + (-height) % stride, width + (-width) % stride)
-    padded[0, :, :height, :width] = x
-    with torch.no_grad():
-        output = model(padded)[0, :, :height, :width].double()
-    if model.config["head"] != "softmax":
-        table = torch.nn.functional.normalize(model.class_embeddings.detach().double(), dim=1)
-        output = torch.einsum("dhw,cd->chw", output, table)
-    top = output.topk(2, dim=0).values
-    return output.argmax(0).numpy(), (top[0] - top[1] < NEAR_TIE).numpy()
-
-
 def _reference_confusion(checkpoint: Path, directory: Path) -> tuple[np.ndarray, int]:
     """(C, C) confusion matrix (ground truth x prediction) of full-image inference image by
     image, on the labelled pixels, and how many of those pixels are near-ties."""
@@ -102,7 +75,7 @@ def _reference_confusion(checkpoint: Path, directory: Path) -> tuple[np.ndarray,
     confusion = np.zeros((C, C), dtype=np.int64)
     near_ties = 0
     for image, label in _samples(directory):
-        pred, tie = _reference_labels(model, image)
+        pred, tie = reference_labels(model, image)
         assert pred.shape == label.shape
         valid = label > 0
         np.add.at(confusion, (label[valid] - 1, pred[valid]), 1)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from shardutil import make_checkpoint, make_vocabulary, palette
+from shardutil import make_checkpoint, make_vocabulary, palette, reference_labels
 
 from embseg.cli import main
 from embseg.errors import EmbsegError
@@ -18,8 +18,6 @@ from embseg.predict import palette as class_palette
 from embseg.predict import predict_images
 
 C = 6
-MEAN = np.array([0.485, 0.456, 0.406])
-STD = np.array([0.229, 0.224, 0.225])
 
 
 @pytest.fixture(scope="module")
@@ -28,24 +26,14 @@ def checkpoint(tmp_path_factory):
 
 
 def _model_labels(checkpoint, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Class ids 1..C by the documented rule, in plain torch: ImageNet-normalise, zero-pad (the
-    mean colour) bottom/right to a multiple of the output stride, run the checkpoint's model,
-    crop back to [:H, :W], nearest class embedding."""
+    """Class ids 1..C of the checkpoint's model by the independent reference rule (pad
+    bottom/right, crop back), and its near-tie pixels."""
     payload = torch.load(checkpoint, weights_only=True)
     model = build_model(**payload["model_config"])
     model.load_state_dict(payload["model"])
     model.eval()
-    stride = int(payload["model_config"]["output_stride"])
-    height, width = image.shape[:2]
-    x = torch.from_numpy(((image / 255.0 - MEAN) / STD).transpose(2, 0, 1)).float()
-    padded = torch.zeros(1, 3, height + (-height) % stride, width + (-width) % stride)
-    padded[0, :, :height, :width] = x
-    with torch.no_grad():
-        embedding = model(padded)[0, :, :height, :width].double()
-    table = torch.nn.functional.normalize(model.class_embeddings.detach().double(), dim=1)
-    scores = torch.einsum("dhw,cd->chw", embedding, table)
-    top = scores.topk(2, dim=0).values
-    return scores.argmax(0).numpy() + 1, (top[0] - top[1] < 1e-5).numpy()
+    labels, near_tie = reference_labels(model, image)
+    return labels + 1, near_tie
 
 
 def _assert_labels_match(path: Path, reference: tuple[np.ndarray, np.ndarray]) -> None:
