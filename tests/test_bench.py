@@ -433,3 +433,38 @@ def test_point_server_children_measure_what_a_fresh_process_does_and_fail_alike(
     anonymous = [r["peak_bytes"] - r["mapped_file_bytes"] for r in (fresh, served, again)]
     assert max(anonymous) - min(anonymous) < 16 * 2**20, anonymous
     assert served["step_seconds"] > 0 and served["timed_steps"] >= 1
+
+
+def test_build_part_alternates_the_worker_counts_and_takes_the_median_ratio(tmp_path,
+                                                                          monkeypatch):
+    """Each build goes to a new folder (nothing reused), the order alternates per round, and
+    the scaling is the median of the rounds' ratios (the build itself: tests/test_build.py)."""
+    import os
+    from types import SimpleNamespace
+
+    import embseg.build
+    import embseg.synth
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(embseg.synth, "generate_synthetic", lambda *a, **k: SimpleNamespace(
+        lvis_train=tmp_path / "l.json", stuff_train=tmp_path / "s.json", images_root=tmp_path))
+    rates = {1: iter([100.0, 110.0, 90.0]), 2: iter([180.0, 160.0, 200.0])}
+    builds = []
+
+    def fake_build(*, out, workers, **_):
+        builds.append((workers, out.name))
+        return SimpleNamespace(images_per_second=next(rates[workers]))
+
+    monkeypatch.setattr(embseg.build, "build_shards", fake_build)
+    settings = bench.BenchSettings(device="cpu", steps=[], build_rounds=3)
+    result = bench.bench_build(settings, tmp_path, log=lambda line: None)
+    assert [w for w, _ in builds] == [1, 2, 2, 1, 1, 2]
+    assert len({name for _, name in builds}) == 6
+    assert result["rounds_scaling_x"] == [1.8, 160 / 110, 200 / 90]
+    assert result["scaling_x"] == 1.8 and result["rounds"] == 3
+    assert result["images_per_second_1_worker"] == 100.0
+    assert result["shards_dir"].endswith(builds[-1][1])
+    text = bench.to_markdown({"device": "CPU", "date": "2026-01-01", "memory": [],
+                              "loss": [], "build": {**result, "image_size_px": 96},
+                              "loader": None})
+    assert "(1.80x), medians of 3 alternating rounds (ratios 1.80, 1.45, 2.22)." in text
