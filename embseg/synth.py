@@ -25,9 +25,11 @@ Everything is a pure function of the arguments: the same arguments give the same
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,19 +116,23 @@ def generate_synthetic(
     seed: int = 0,
     categories: Path | None = None,
     size: int = DEFAULT_SIZE,
+    workers: int | None = None,
 ) -> SynthDataset:
     """Write a synthetic LVIS v1 + COCO-Stuff dataset under ``out`` and return its paths.
 
     ``categories`` (an LVIS annotation file or a bare list of LVIS categories) lends real names,
     synonyms and frequencies to the ``lvis_classes`` synthetic classes (a deterministic sample).
+    ``workers`` processes render a large split (default: one per CPU); the files are the same
+    for any number.
     """
+    workers = workers if workers is not None else os.cpu_count() or 1
     _check_arguments(images=images, val_images=val_images, lvis_classes=lvis_classes, size=size)
     out = Path(out)
     world = _make_world(lvis_classes=lvis_classes, seed=seed, categories=categories)
     train = _generate_split(world, folder="train2017", first_id=1, count=images, seed=seed,
-                            size=size, out=out)
+                            size=size, out=out, workers=workers)
     val = _generate_split(world, folder="val2017", first_id=images + 1, count=val_images,
-                          seed=seed, size=size, out=out)
+                          seed=seed, size=size, out=out, workers=workers)
     lvis_categories = _lvis_category_dicts(world, train)
     stuff_categories = _stuff_category_dicts(world)
     dataset = SynthDataset(
@@ -296,24 +302,37 @@ def _coprime_stride(total: int) -> int:
 # --------------------------------------------------------------------------- images
 
 
+PARALLEL_MIN_IMAGES = 400
+"""Splits this large are rendered by a pool of processes (one per CPU): below it, starting
+the pool's interpreters costs more than it saves."""
+
+
 def _generate_split(world: _World, *, folder: str, first_id: int, count: int, seed: int,
-                    size: int, out: Path) -> _Split:
-    """Render ``count`` images of one split, write the JPEGs and collect the annotations."""
+                    size: int, out: Path, workers: int) -> _Split:
+    """Render ``count`` images of one split, write the JPEGs and collect the annotations.
+
+    Every image comes from a generator seeded by (seed, split, index) alone, so the images
+    are rendered in any order, by ``workers`` processes for a large split, and the
+    annotations (numbered here, in image order) are the same either way.
+    """
     split = _Split(folder=folder)
     image_dir = out / "images" / folder
     image_dir.mkdir(parents=True, exist_ok=True)
-    split_code = 0 if folder.startswith("train") else 1
-    for index in range(count):
-        image_id = first_id + index
-        rng = np.random.default_rng([seed, split_code, index])
-        height, width = _image_shape(rng, size)
-        pixels, things, stuff = _render(world, rng, height=height, width=width,
-                                        force_extras=index == 0)
-        file_name = f"{image_id:012d}.jpg"
-        write_bytes_atomically(image_dir / file_name, _encode_jpeg(pixels))
-        split.images_lvis.append(_lvis_image(world, rng, image_id=image_id, folder=folder,
-                                             file_name=file_name, height=height, width=width,
-                                             things=things))
+    render = functools.partial(_render_image, world, folder=folder, first_id=first_id,
+                               seed=seed, size=size, image_dir=image_dir)
+    if workers > 1 and count >= PARALLEL_MIN_IMAGES:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: the caller may hold threads (Ray, Prefect) that fork would copy
+        with ProcessPoolExecutor(max_workers=workers,
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            rendered = list(pool.map(render, range(count), chunksize=32))
+    else:
+        rendered = [render(index) for index in range(count)]
+    for index, (image_id, file_name, height, width, lvis_image, things, stuff) in enumerate(
+            rendered):
+        split.images_lvis.append(lvis_image)
         for category_id, polygon, area, bbox in things:
             split.anns_lvis.append({
                 "id": len(split.anns_lvis) + 1, "image_id": image_id,
@@ -332,6 +351,22 @@ def _generate_split(world: _World, *, folder: str, first_id: int, count: int, se
                 "bbox": bbox, "iscrowd": 0,
             })
     return split
+
+
+def _render_image(world: _World, index: int, *, folder: str, first_id: int, seed: int,
+                  size: int, image_dir: Path) -> tuple:
+    """Render image ``index`` of a split, write its JPEG; its id, file name, size, LVIS image
+    record and (unnumbered) thing and stuff annotations."""
+    image_id = first_id + index
+    rng = np.random.default_rng([seed, 0 if folder.startswith("train") else 1, index])
+    height, width = _image_shape(rng, size)
+    pixels, things, stuff = _render(world, rng, height=height, width=width,
+                                    force_extras=index == 0)
+    file_name = f"{image_id:012d}.jpg"
+    write_bytes_atomically(image_dir / file_name, _encode_jpeg(pixels))
+    lvis_image = _lvis_image(world, rng, image_id=image_id, folder=folder, file_name=file_name,
+                             height=height, width=width, things=things)
+    return image_id, file_name, height, width, lvis_image, things, stuff
 
 
 def _image_shape(rng: np.random.Generator, size: int) -> tuple[int, int]:

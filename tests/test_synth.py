@@ -175,6 +175,14 @@ def test_deterministic_per_seed(tmp_path, small):
     assert _tree_digest(other.root) != _tree_digest(small.root)
 
 
+def test_a_pool_of_processes_writes_the_same_files(tmp_path, small, monkeypatch):
+    import embseg.synth
+
+    monkeypatch.setattr(embseg.synth, "PARALLEL_MIN_IMAGES", 1)  # both splits in the pool
+    pooled = generate_synthetic(tmp_path / "pooled", **SMALL, workers=2)
+    assert _tree_digest(pooled.root) == _tree_digest(small.root)
+
+
 def test_borrowed_categories(tmp_path):
     cats = [{"id": i, "name": f"real_{i}", "synonyms": [f"real_{i}", f"alias_{i}"],
              "synset": f"real.n.{i:02d}", "def": f"definition {i}", "frequency": "rcf"[i % 3]}
