@@ -90,6 +90,9 @@ def test_palette_is_fixed_per_class_id():
     np.testing.assert_array_equal(class_palette(np.array([1234])), colours[1234:1235])
     assert (colours[0] == 0).all() and (colours[1:] >= 48).all()
     assert len({tuple(c) for c in colours[1:]}) > 1990  # nearly all distinct
+    # pinned: maps written by earlier versions keep their colours (a change must be deliberate)
+    assert class_palette(np.array([1, 2, 183, 1284])).tolist() == [
+        [230, 91, 153], [74, 130, 160], [67, 251, 94], [80, 61, 117]]
 
 
 def test_predict_checks_every_input_first(checkpoint, tmp_path, capsys):
