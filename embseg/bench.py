@@ -819,9 +819,8 @@ def step_time_pair(result: dict[str, Any]) -> dict[str, Any] | None:
 def softmax_ess_ratio(result: dict[str, Any], classes: int = 1284) -> float | None:
     """Peak memory of the softmax head over the ESS head's at ``classes`` (None when OOM)."""
     memory = result["memory"]
-    soft, ess_peak = (_point(memory, "softmax", classes, "peak_bytes"),
-                      _point(memory, "ess", classes, "peak_bytes"))
-    return None if soft is None or ess_peak is None else soft / ess_peak
+    return _ratio(_point(memory, "softmax", classes, "peak_bytes"),
+                  _point(memory, "ess", classes, "peak_bytes"))
 
 
 def softmax_ess_ratio_without_mapped_files(result: dict[str, Any], classes: int = 1284
@@ -892,6 +891,14 @@ def _load_lines(result: dict[str, Any]) -> list[str]:
             f"after: {', '.join(f'{v:.2f}' for v in after)}."]
 
 
+def _rounds_note(ratios: list[float] | None, kind: str) -> str:
+    """``, medians of N <kind> rounds (ratios a, b, ...)``; empty for a run without rounds."""
+    if not ratios:
+        return ""
+    return (f", medians of {len(ratios)} {kind} rounds (ratios "
+            + ", ".join(f"{r:.2f}" for r in ratios) + ")")
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     """The benchmark as markdown tables (memory, loss, build, loader, goals)."""
     lines = [f"# embseg bench ({result['device']}, {result['date']})"]
@@ -951,18 +958,14 @@ def to_markdown(result: dict[str, Any]) -> str:
                   f"{b['images_per_second_1_worker']:.1f} images/s with 1 worker, "
                   f"{b['images_per_second_all_workers']:.1f} images/s with "
                   f"{b['workers_all']} workers ({b['scaling_x']:.2f}x)"
-                  + (f", medians of {b['rounds']} alternating rounds (ratios "
-                     + ", ".join(f"{r:.2f}" for r in b["rounds_scaling_x"]) + ")"
-                     if b.get("rounds_scaling_x") else "") + "."]
+                  + _rounds_note(b.get("rounds_scaling_x"), "alternating") + "."]
     if result.get("loader"):
         ld = result["loader"]
         lines += ["", "## Training input pipeline (decode + augment)", "",
                   (f"Shards ({ld['shards']}): " if ld.get("shards") else "Shards: ")
                   + f"{ld['images_per_second_shards']:.1f} images/s; loose JPEG/PNG files: "
                   f"{ld['images_per_second_loose_files']:.1f} images/s ({ld['speedup_x']:.3f}x)"
-                  + (f", medians of {ld['rounds']} back-to-back rounds (ratios "
-                     + ", ".join(f"{r:.2f}" for r in ld["rounds_speedup_x"]) + ")"
-                     if ld.get("rounds_speedup_x") else "") + "."]
+                  + _rounds_note(ld.get("rounds_speedup_x"), "back-to-back") + "."]
         cold = ld.get("storage_read")
         if cold:
             lines += ["", f"Read from storage alone (page cache dropped, no decoding, all "
