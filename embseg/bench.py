@@ -254,10 +254,12 @@ def _loss_point(spec: dict[str, Any]) -> dict[str, Any]:
             loss.backward()
             raw.grad = table.grad = None
     else:
+        from embseg.models import softmax_cross_entropy  # the softmax head's own loss
+
         logits = torch.randn(batch, classes, height, width, device=device, requires_grad=True)
 
         def step() -> None:
-            F.cross_entropy(logits, target).backward()
+            softmax_cross_entropy(logits, target).backward()
             logits.grad = None
 
     return _measure(step, device, spec["measured_steps"], memory_steps=1)

@@ -9,7 +9,7 @@ from torch import nn
 
 from embseg import ess
 from embseg.errors import EmbsegError
-from embseg.models import SegmentationModel, build_model
+from embseg.models import SegmentationModel, build_model, softmax_cross_entropy
 
 BACKBONES = ["tiny", "mobilenetv2", "resnet50", "resnet101"]
 
@@ -272,6 +272,58 @@ def test_softmax_loss_is_cross_entropy_with_ignore():
     assert float(empty.detach()) == 0.0
     empty.backward()
     assert (logits.grad == 0).all()
+
+
+def _reference_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over labelled pixels of -log softmax at the target class, written out here."""
+    log_probs = logits - logits.logsumexp(dim=1, keepdim=True)
+    labelled = target != -1
+    picked = log_probs.gather(1, target.clamp(min=0)[:, None])[:, 0]
+    return -(picked * labelled).sum() / labelled.sum()
+
+
+@pytest.mark.parametrize("max_elements, largest_call", [
+    (6 * 7 * 5 * 2, 6 * 7 * 5 * 2),  # two samples per call: B = 5 -> calls of 2, 2, 1
+    (6 * 7 * 5, 6 * 7 * 5),  # one sample per call
+    (6 * 3 * 5 + 7, 6 * 3 * 5),  # bands of 3 rows of a 7-row sample: 3, 3, 1
+    (6 * 5, 6 * 5),  # one row per call
+])
+def test_softmax_cross_entropy_in_parts_is_the_one_call_mean(monkeypatch, max_elements,
+                                                              largest_call):
+    torch.manual_seed(4)
+    logits = torch.randn(5, 6, 7, 5, dtype=torch.float64)
+    target = torch.randint(-1, 6, (5, 7, 5))
+    target[1] = -1  # a sample without labels: its parts add nothing
+    calls = []
+    plain = F.cross_entropy
+
+    def counted(part, *args, **kwargs):
+        calls.append(part.numel())
+        return plain(part, *args, **kwargs)
+
+    whole = logits.clone().requires_grad_()
+    reference = _reference_cross_entropy(whole, target)
+    reference.backward()
+    monkeypatch.setattr(F, "cross_entropy", counted)
+    parted = logits.clone().requires_grad_()
+    total = softmax_cross_entropy(parted, target, max_elements=max_elements)
+    total.backward()
+    assert max(calls) == largest_call and sum(calls) == logits.numel()
+    torch.testing.assert_close(total, reference)
+    torch.testing.assert_close(parted.grad, whole.grad)
+
+
+def test_softmax_cross_entropy_fits_one_call_when_it_can(monkeypatch):
+    logits, target = torch.randn(2, 4, 3, 3), torch.randint(-1, 4, (2, 3, 3))
+    calls = []
+    plain = F.cross_entropy
+    monkeypatch.setattr(F, "cross_entropy",
+                        lambda part, *a, **k: calls.append(part.shape) or plain(part, *a, **k))
+    torch.testing.assert_close(softmax_cross_entropy(logits, target, max_elements=72),
+                               _reference_cross_entropy(logits, target))
+    assert calls == [logits.shape]
+    with pytest.raises(ValueError, match="one row of logits"):
+        softmax_cross_entropy(logits, target, max_elements=11)
 
 
 def toy_batch(num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:

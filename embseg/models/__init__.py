@@ -26,12 +26,46 @@ BACKBONE_LR_FACTOR = 0.1
 """The backbone trains at this fraction of the base learning rate by default (DeepLab
 practice for pretrained backbones; a backbone trained from scratch wants 1.0)."""
 
+KERNEL_MAX_ELEMENTS = 2**31 - 1
+"""Most logits one cross-entropy kernel call is given (see :func:`softmax_cross_entropy`)."""
+
 DECODER_WIDTHS = {"tiny": (96, 24)}
 """(ASPP/decoder channels, low-level projection channels) per backbone; default (256, 48).
 
 The tiny CPU backbone gets a narrower head so that a CPU training run takes minutes; the
 real backbones use the paper's widths.
 """
+
+
+def softmax_cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -1,
+                          max_elements: int = KERNEL_MAX_ELEMENTS) -> Tensor:
+    """Mean cross-entropy of (B, C, H, W) ``logits`` over the pixels whose ``target`` is not
+    ``ignore_index``: ``F.cross_entropy``, in parts of at most ``max_elements`` logits.
+
+    Why parts: the softmax baseline at the paper's setting (16 x 1,284 x 513 x 513) holds
+    5.4e9 logits, and PyTorch's CUDA kernels for a spatial cross-entropy have computed
+    offsets in 32 bits (the NLLLoss2d backward did until mid-2026, pytorch/pytorch#190139:
+    an illegal memory access past 2**31 - 1 elements). A batch that fits in one call, every
+    CPU batch of this project, takes the one plain call; larger ones are split into groups
+    of samples, and a sample too large on its own into bands of rows, and the per-part sums
+    are divided by the labelled-pixel count (the same mean).
+    """
+    if logits.numel() <= max_elements:
+        return F.cross_entropy(logits, target, ignore_index=ignore_index)
+    _, classes, height, width = logits.shape
+    if classes * width > max_elements:
+        raise ValueError(f"one row of logits ({classes} classes x {width} pixels) is over "
+                         f"{max_elements} elements")
+    samples = max(1, max_elements // (classes * height * width))
+    rows = min(height, max_elements // (classes * width))
+    total = logits.new_zeros(())
+    for sample_logits, sample_target in zip(logits.split(samples), target.split(samples),
+                                            strict=True):
+        for part_logits, part_target in zip(sample_logits.split(rows, dim=2),
+                                            sample_target.split(rows, dim=1), strict=True):
+            total = total + F.cross_entropy(part_logits, part_target,
+                                            ignore_index=ignore_index, reduction="sum")
+    return total / (target != ignore_index).sum()
 
 
 class SegmentationModel(nn.Module):
@@ -100,7 +134,7 @@ class SegmentationModel(nn.Module):
         if not bool((target != -1).any()):
             total = logits.sum() * 0.0
         else:
-            total = F.cross_entropy(logits, target.long(), ignore_index=-1)
+            total = softmax_cross_entropy(logits, target.long(), ignore_index=-1)
         return total, {"loss": float(total.detach()), "ce": float(total.detach())}
 
     def predict(self, output: Tensor) -> Tensor:
