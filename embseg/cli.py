@@ -131,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the loader part reads these shards (your own data) instead of the "
                         "build part's synthetic ones")
     _command(p, "embseg.bench:cli_bench")
+
+    p = sub.add_parser("gpu-check", help="train on a CUDA device: the demo configuration and "
+                                         "the paper's setting, checked against the CPU")
+    p.add_argument("action", choices=["prepare", "run"],
+                   help="prepare: write the synthetic shards (needs Ray); run: the check")
+    p.add_argument("--data", type=Path, default=Path(".gpucheck"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out/gpu-check"))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--parts", default="demo,paper", help="comma-separated: demo, paper")
+    _command(p, "embseg.gpucheck:cli_gpu_check")
     return parser
 
 

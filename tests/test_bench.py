@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from blocker import blocking_sitecustomize
 
 from embseg import bench
 
@@ -300,23 +301,6 @@ def test_alternating_rounds_swap_which_side_goes_first():
     assert firsts == [1.0] * 3 and seconds == [2.0] * 3 and seen == [(1.0, 2.0)] * 3
 
 
-_BLOCK_PIPELINE_PACKAGES = '''
-import sys
-
-BLOCKED = {"ray", "webdataset", "prefect", "pycocotools", "lvis", "fastapi"}
-
-
-class _Blocked:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{name} is not installed here (blocked by the test)")
-        return None
-
-
-sys.meta_path.insert(0, _Blocked())
-'''
-
-
 def test_memory_and_loss_parts_need_no_pipeline_packages(tmp_path):
     """The lent GPU machine has torch, numpy, matplotlib and numba but none of the pipeline's
     packages (Ray, WebDataset, Prefect, the COCO/LVIS APIs): the training-step and loss
@@ -325,7 +309,8 @@ def test_memory_and_loss_parts_need_no_pipeline_packages(tmp_path):
     import subprocess
     import sys
 
-    (tmp_path / "sitecustomize.py").write_text(_BLOCK_PIPELINE_PACKAGES)
+    (tmp_path / "sitecustomize.py").write_text(
+        blocking_sitecustomize({"ray", "webdataset", "prefect", "pycocotools", "lvis", "fastapi"}))
     script = '''
 import json
 try:
