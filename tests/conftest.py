@@ -25,6 +25,17 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (the CI machine has two cores and runs other work)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_vocab() -> Path:
     """The real LVIS v1 / COCO-Stuff category lists beside the checkout (skip if absent)."""

@@ -14,12 +14,7 @@ from embseg.models import SegmentationModel, build_model, softmax_cross_entropy
 BACKBONES = ["tiny", "mobilenetv2", "resnet50", "resnet101"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------- shapes
