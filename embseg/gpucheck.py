@@ -4,17 +4,21 @@ Two parts, written as ``gpu_check.json`` and ``gpu_check.md`` with pass/fail lin
 
 1. ``demo``: the ``make demo`` training configuration (tiny backbone from scratch, synthetic
    data), both heads, trained on the device; each checkpoint is then evaluated on the device
-   (bf16 autocast, the torch loss code) and on the CPU (float32, the compiled CPU kernels).
-   It passes when the losses are finite and fall, the val mIoU reaches
+   (bf16 autocast, the torch nearest-class search) and on the CPU (float32, the compiled CPU
+   kernels). It passes when every step trains (the trainer stops at a non-finite loss) and
+   the losses fall, the val mIoU reaches
    :data:`DEMO_MIN_MIOU`, and the two evaluations agree within :data:`MAX_MIOU_GAP`.
 2. ``paper``: the paper's training setting through the real shard loader: DeepLabV3+
-   ResNet-101 (random weights), output stride 16, batch 16, 513 x 513 crops, about 1,284
-   synthetic classes, both heads: images/s of the training loop (loader included) and the
-   peak CUDA memory. It passes when every step's loss is finite.
+   ResNet-101 (random weights), output stride 16, batch 16, 513 x 513 crops, 1,289 synthetic
+   classes (1,203 LVIS-like + 86 stuff), both heads: images/s of the training loop (loader
+   included) and the peak CUDA memory. It passes when every step trains.
+
+A head that stops (a non-finite loss, CUDA out of memory) is a failed check with the error and
+the steps done, not a crash; the files are rewritten after every head.
 
 ``prepare`` writes the synthetic data and its shards (it needs Ray, so it runs where the
-project is installed); ``run`` needs only torch, numpy, Pillow, pyarrow, tqdm and webdataset,
-so it also runs on a machine that lacks Ray and Prefect::
+project is installed); ``run`` needs only torch, numpy, numba, Pillow, pyarrow, tqdm and
+webdataset, so it also runs on a machine that lacks Ray and Prefect::
 
     embseg gpu-check prepare --data .gpucheck
     embseg gpu-check run --data .gpucheck --out benchmarks/out/gpu-check [--device cuda]
@@ -98,27 +102,43 @@ def prepare(data: Path, settings: CheckSettings = CheckSettings()) -> dict[str, 
 
 
 def _train_rows(run_dir: Path) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     return [row for row in rows if row.get("kind") == "train"]
 
 
+@dataclass
+class _HeadRun:
+    """One head's training in the check: its logged rows, and how it ended."""
+
+    rows: list[dict[str, Any]]
+    peak_cuda_bytes: int | None
+    seconds: float
+    error: str | None  # the one-line error that stopped it (a non-finite loss, out of memory)
+
+
 def _train(shards: Path, run_dir: Path, *, head: str, device: str,
-           options: dict[str, Any]) -> tuple[list[dict[str, Any]], int | None, float]:
-    """Train one head; (its train rows, peak CUDA bytes or None, wall seconds)."""
+           options: dict[str, Any]) -> _HeadRun:
+    """Train one head. An error (the trainer stops at a non-finite loss; CUDA may run out of
+    memory) is recorded with the steps done before it, not raised: it is a check's result."""
     import torch
 
+    from embseg.errors import EmbsegError
     from embseg.train import TrainConfig, train
 
-    steps = options["steps"]
+    cuda = torch.device(device) if device.startswith("cuda") else None
     config = TrainConfig(shards=shards, out=run_dir, head=head, device=device,
-                         checkpoint_every=steps, no_progress=True, **options)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    train(config)
+                         checkpoint_every=options["steps"], no_progress=True, **options)
+    if cuda is not None:
+        torch.cuda.reset_peak_memory_stats(cuda)
+    started, error = time.perf_counter(), None
+    try:
+        train(config)
+    except (EmbsegError, RuntimeError) as exc:  # RuntimeError: torch.OutOfMemoryError too
+        error = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     seconds = time.perf_counter() - started
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
-    return _train_rows(run_dir), peak, seconds
+    peak = torch.cuda.max_memory_allocated(cuda) if cuda is not None else None
+    return _HeadRun(_train_rows(run_dir), peak, seconds, error)
 
 
 def _falls(losses: list[float]) -> bool:
@@ -127,58 +147,72 @@ def _falls(losses: list[float]) -> bool:
     return statistics.fmean(losses[-window:]) < statistics.fmean(losses[:window])
 
 
-def _demo(data: Path, work: Path, *, device: str, settings: CheckSettings, log
-          ) -> list[dict[str, Any]]:
-    """Part 1, both heads: train on ``device``, evaluate on it and on the CPU."""
+def _common(head: str, run: _HeadRun, steps: int) -> dict[str, Any]:
+    """The fields of a head's row that both parts share."""
+    losses = [row["loss"] for row in run.rows]
+    return {"head": head, "steps_planned": steps, "steps": len(run.rows),
+            "train_seconds": round(run.seconds, 2), "peak_cuda_bytes": run.peak_cuda_bytes,
+            "error": run.error, "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "trained": run.error is None and len(losses) == steps
+            and all(math.isfinite(v) for v in losses), "losses": losses}
+
+
+def _demo(data: Path, work: Path, rows: list[dict[str, Any]], *, device: str,
+          settings: CheckSettings, save, log) -> None:
+    """Part 1, both heads: train on ``device``, evaluate on it and on the CPU; each head's
+    row is appended to ``rows`` and ``save()`` runs after it."""
     from embseg.evaluate import evaluate
 
-    results = []
+    options = dict(settings.demo_train)
     for head in HEADS:
-        rows, peak, seconds = _train(data / "demo" / "train", work / f"demo-{head}", head=head,
-                                     device=device, options=dict(settings.demo_train))
-        losses = [row["loss"] for row in rows]
-        checkpoint = work / f"demo-{head}" / "last.pt"
-        on_device = evaluate(checkpoint, data / "demo" / "val", device=device).summary()
-        on_cpu = evaluate(checkpoint, data / "demo" / "val", device="cpu").summary()
-        result = {"head": head, "steps": len(rows), "train_seconds": round(seconds, 2),
-                  "peak_cuda_bytes": peak, "first_loss": losses[0], "last_loss": losses[-1],
-                  "losses_finite": all(math.isfinite(v) for v in losses),
-                  "loss_falls": _falls(losses),
-                  "val_miou_device": on_device["miou"], "val_miou_cpu": on_cpu["miou"],
-                  "val_pixel_accuracy_device": on_device["pixel_accuracy"],
-                  "val_pixel_accuracy_cpu": on_cpu["pixel_accuracy"], "losses": losses}
-        results.append(result)
-        log(f"demo   {head:9s} loss {losses[0]:.3f} -> {losses[-1]:.3f}; val mIoU "
-            f"{_pct(on_device['miou'])} on {device}, {_pct(on_cpu['miou'])} on cpu; "
-            f"{seconds:.1f} s")
-    return results
+        run = _train(data / "demo" / "train", work / f"demo-{head}", head=head, device=device,
+                     options=options)
+        row = _common(head, run, options["steps"])
+        row["loss_falls"] = row["trained"] and _falls(row["losses"])
+        evaluations = {"device": None, "cpu": None}
+        if row["trained"]:
+            checkpoint = work / f"demo-{head}" / "last.pt"
+            evaluations = {name: evaluate(checkpoint, data / "demo" / "val",
+                                          device=where).summary()
+                           for name, where in (("device", device), ("cpu", "cpu"))}
+        for name, summary in evaluations.items():
+            row[f"val_miou_{name}"] = summary and summary["miou"]
+            row[f"val_pixel_accuracy_{name}"] = summary and summary["pixel_accuracy"]
+        rows.append(row)
+        save()
+        log(f"demo   {head:9s} loss {_loss_span(row)}; val mIoU {_pct(row['val_miou_device'])} "
+            f"on {device}, {_pct(row['val_miou_cpu'])} on cpu; {run.seconds:.1f} s"
+            + (f"; stopped: {run.error}" if run.error else ""))
 
 
-def _paper(data: Path, work: Path, *, device: str, settings: CheckSettings, log
-           ) -> list[dict[str, Any]]:
-    """Part 2, both heads: the paper's setting through the loader; speed and memory."""
+def _paper(data: Path, work: Path, rows: list[dict[str, Any]], *, device: str,
+           settings: CheckSettings, save, log) -> None:
+    """Part 2, both heads: the paper's setting through the loader; speed and memory (rows
+    and ``save`` as in :func:`_demo`)."""
     from embseg.evaluate import shard_vocabulary
 
     classes = shard_vocabulary(data / "paper" / "train").num_classes
-    results = []
+    options = dict(settings.paper_train)
     for head in HEADS:
-        options = dict(settings.paper_train)
-        rows, peak, seconds = _train(data / "paper" / "train", work / f"paper-{head}",
-                                     head=head, device=device, options=options)
-        rates = [row["images_per_second"] for row in rows[settings.paper_warmup_steps:]]
-        losses = [row["loss"] for row in rows]
-        result = {"head": head, "classes": classes, "backbone": options["backbone"],
-                  "batch": options["batch_size"], "crop_px": options["crop_size"],
-                  "steps": len(rows), "train_seconds": round(seconds, 2),
-                  "images_per_second_median": statistics.median(rates) if rates else None,
-                  "peak_cuda_bytes": peak, "first_loss": losses[0], "last_loss": losses[-1],
-                  "losses_finite": all(math.isfinite(v) for v in losses),
-                  "losses": losses,
-                  "images_per_second": [row["images_per_second"] for row in rows]}
-        results.append(result)
-        log(f"paper  {head:9s} C={classes} {result['images_per_second_median'] or 0:.1f} "
-            f"images/s, peak {_gib(peak)}, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    return results
+        run = _train(data / "paper" / "train", work / f"paper-{head}", head=head,
+                     device=device, options=options)
+        rates = [r["images_per_second"] for r in run.rows[settings.paper_warmup_steps:]]
+        row = {**_common(head, run, options["steps"]), "classes": classes,
+               "backbone": options["backbone"], "batch": options["batch_size"],
+               "crop_px": options["crop_size"],
+               "images_per_second_median": statistics.median(rates) if rates else None,
+               "images_per_second": [r["images_per_second"] for r in run.rows]}
+        rows.append(row)
+        save()
+        log(f"paper  {head:9s} C={classes} {row['images_per_second_median'] or 0:.1f} "
+            f"images/s, peak {_gib(run.peak_cuda_bytes)}, loss {_loss_span(row)}"
+            + (f"; stopped: {run.error}" if run.error else ""))
+
+
+def _trained_detail(row: dict[str, Any]) -> str:
+    detail = f"{row['steps']}/{row['steps_planned']} steps, loss {_loss_span(row)}"
+    return detail + (f"; stopped: {row['error']}" if row.get("error") else "")
 
 
 def checks(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
@@ -187,17 +221,16 @@ def checks(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
     for row in result.get("demo", []):
         head = row["head"]
         gap = _gap(row["val_miou_device"], row["val_miou_cpu"])
-        out += [(f"demo {head}: losses finite and falling", row["losses_finite"]
-                 and row["loss_falls"], f"{row['first_loss']:.3f} -> {row['last_loss']:.3f}"),
+        out += [(f"demo {head}: every step trained, losses finite and falling",
+                 row["trained"] and row["loss_falls"], _trained_detail(row)),
                 (f"demo {head}: val mIoU >= {100 * DEMO_MIN_MIOU:.0f}%",
                  (row["val_miou_device"] or 0) >= DEMO_MIN_MIOU, _pct(row["val_miou_device"])),
                 (f"demo {head}: device and CPU evaluations within "
                  f"{100 * MAX_MIOU_GAP:.0f} point", gap is not None and gap <= MAX_MIOU_GAP,
                  f"{_pct(row['val_miou_device'])} vs {_pct(row['val_miou_cpu'])}")]
     for row in result.get("paper", []):
-        out.append((f"paper {row['head']}: {row['steps']} steps at C={row['classes']}, "
-                    f"losses finite", row["losses_finite"],
-                    f"{row['first_loss']:.3f} -> {row['last_loss']:.3f}"))
+        out.append((f"paper {row['head']}: every step trained at C={row['classes']}, losses "
+                    f"finite", row["trained"], _trained_detail(row)))
     return out
 
 
@@ -209,7 +242,7 @@ def to_markdown(result: dict[str, Any]) -> str:
                   "| head | steps | train s | loss first -> last | val mIoU device | "
                   "val mIoU CPU | pixel acc. device |", "|---|---:|---:|---|---:|---:|---:|"]
         lines += [f"| {r['head']} | {r['steps']} | {r['train_seconds']:.1f} | "
-                  f"{r['first_loss']:.3f} -> {r['last_loss']:.3f} | "
+                  f"{_loss_span(r)} | "
                   f"{_pct(r['val_miou_device'])} | {_pct(r['val_miou_cpu'])} | "
                   f"{_pct(r['val_pixel_accuracy_device'])} |" for r in result["demo"]]
         lines.append("")
@@ -221,7 +254,7 @@ def to_markdown(result: dict[str, Any]) -> str:
                   "| loss first -> last |", "|---|---:|---:|---:|---|"]
         lines += [f"| {r['head']} | {r['steps']} | "
                   f"{r['images_per_second_median'] or 0:.1f} | {_gib(r['peak_cuda_bytes'])} | "
-                  f"{r['first_loss']:.3f} -> {r['last_loss']:.3f} |" for r in result["paper"]]
+                  f"{_loss_span(r)} |" for r in result["paper"]]
         lines.append("")
     lines += ["## Checks", ""]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {name} ({detail})"
@@ -232,7 +265,7 @@ def to_markdown(result: dict[str, Any]) -> str:
 def run_check(data: Path, out: Path, *, device: str = "cuda", parts: tuple[str, ...] = PARTS,
               settings: CheckSettings | None = None, log=print) -> dict[str, Any]:
     """Run the chosen parts on ``device`` with the data of :func:`prepare`; write the JSON (with
-    every step's loss) and the markdown after each part, so a run cut short keeps what it did."""
+    every step's loss) and the markdown after each head, so a run cut short keeps what it did."""
     from embseg.bench import device_name, software_versions
     from embseg.errors import EmbsegError
     from embseg.evaluate import resolve_device
@@ -253,15 +286,18 @@ def run_check(data: Path, out: Path, *, device: str = "cuda", parts: tuple[str, 
                                                     else "cpu"),
                               "date": time.strftime("%Y-%m-%d"),
                               "versions": software_versions(), "settings": asdict(settings)}
+
+    def save() -> None:
+        result["checks"] = [{"check": n, "passed": ok, "value": d} for n, ok, d in checks(result)]
+        (out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "gpu_check.md").write_text(to_markdown(result))
+
     with tempfile.TemporaryDirectory(prefix="embseg-gpu-check-") as tmp:
         for part, runner in zip(PARTS, (_demo, _paper), strict=True):
-            if part not in parts:
-                continue
-            result[part] = runner(data, Path(tmp), device=device, settings=settings, log=log)
-            result["checks"] = [{"check": n, "passed": ok, "value": d}
-                                for n, ok, d in checks(result)]
-            (out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
-            (out / "gpu_check.md").write_text(to_markdown(result))
+            if part in parts:
+                result[part] = []
+                runner(data, Path(tmp), result[part], device=device, settings=settings,
+                       save=save, log=log)
     return result
 
 
@@ -285,6 +321,12 @@ def _gap(a: float | None, b: float | None) -> float | None:
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def _loss_span(row: dict[str, Any]) -> str:
+    if row["first_loss"] is None:
+        return "-"
+    return f"{row['first_loss']:.3f} -> {row['last_loss']:.3f}"
 
 
 def _gib(value: int | None) -> str:

@@ -66,12 +66,12 @@ def test_both_parts_run_and_write_their_files(check_data, tmp_path):
     assert [row["head"] for row in result["demo"]] == ["embedding", "softmax"]
     assert [row["head"] for row in result["paper"]] == ["embedding", "softmax"]
     for row in result["demo"]:
-        assert row["steps"] == 6 and row["losses_finite"]
+        assert row["steps"] == 6 and row["trained"] and row["error"] is None
         # the "device" is the CPU here: both evaluations are the same computation
         assert row["val_miou_device"] == row["val_miou_cpu"] is not None
         assert row["peak_cuda_bytes"] is None
     for row in result["paper"]:
-        assert row["steps"] == 3 and row["classes"] == C and row["losses_finite"]
+        assert row["steps"] == 3 and row["classes"] == C and row["trained"]
         assert row["images_per_second_median"] > 0
     # two files: the lent machine returns at most eight, and the bench writes three more
     assert sorted(path.name for path in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.md"]
@@ -82,7 +82,7 @@ def test_both_parts_run_and_write_their_files(check_data, tmp_path):
                                 for n, ok, d in checks(result)]
     markdown = (tmp_path / "gpu_check.md").read_text()
     assert "PASS: demo embedding: device and CPU evaluations within 1 point" in markdown
-    assert "PASS: paper softmax: 3 steps at C=6, losses finite" in markdown
+    assert "PASS: paper softmax: every step trained at C=6, losses finite (3/3 steps" in markdown
     assert len(lines) == 4
 
 
@@ -115,15 +115,16 @@ print(len(result["checks"]))
 
 
 def _demo_row(**changes) -> dict:
-    row = {"head": "embedding", "first_loss": 3.0, "last_loss": 1.0, "losses_finite": True,
-           "loss_falls": True, "val_miou_device": 0.2, "val_miou_cpu": 0.195}
+    row = {"head": "embedding", "steps": 160, "steps_planned": 160, "error": None,
+           "first_loss": 3.0, "last_loss": 1.0, "trained": True, "loss_falls": True,
+           "val_miou_device": 0.2, "val_miou_cpu": 0.195}
     return {**row, **changes}
 
 
 @pytest.mark.parametrize("changes, failing", [
     ({}, None),
     ({"loss_falls": False}, "losses finite and falling"),
-    ({"losses_finite": False}, "losses finite and falling"),
+    ({"trained": False}, "losses finite and falling"),
     ({"val_miou_device": 0.04, "val_miou_cpu": 0.04}, "val mIoU >= 5%"),
     ({"val_miou_cpu": 0.185}, "device and CPU evaluations"),
     ({"val_miou_cpu": None}, "device and CPU evaluations"),
@@ -136,6 +137,24 @@ def test_check_lines_fail_on_what_they_name(changes, failing):
         assert failed == []
     else:
         assert len(failed) == 1 and failing in failed[0]
+
+
+def test_a_head_that_stops_is_a_failed_check_and_the_others_still_run(check_data, tmp_path):
+    """A learning rate of 1e30 makes the loss non-finite within a few steps; the trainer stops
+    there, and the check records it instead of crashing."""
+    exploding = replace(TINY, demo_train=tuple((name, 1e30 if name == "lr" else value)
+                                               for name, value in TINY.demo_train))
+    result = run_check(check_data, tmp_path, device="cpu", settings=exploding,
+                       log=lambda line: None)
+    for row in result["demo"]:
+        assert not row["trained"] and "loss is" in row["error"]
+        assert row["steps"] < row["steps_planned"] and row["val_miou_device"] is None
+    assert all(row["trained"] for row in result["paper"])
+    lines = checks(result)
+    assert [ok for _, ok, _ in lines] == [False] * 6 + [True] * 2
+    stored = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert stored["demo"][1]["error"] == result["demo"][1]["error"]
+    assert "FAIL: demo softmax: every step trained" in (tmp_path / "gpu_check.md").read_text()
 
 
 def test_falls_compares_the_first_and_last_fifth():

@@ -269,11 +269,12 @@ def test_softmax_loss_is_cross_entropy_with_ignore():
     assert (logits.grad == 0).all()
 
 
-def _reference_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _reference_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                             ignore_index: int = -1) -> torch.Tensor:
     """Mean over labelled pixels of -log softmax at the target class, written out here."""
     log_probs = logits - logits.logsumexp(dim=1, keepdim=True)
-    labelled = target != -1
-    picked = log_probs.gather(1, target.clamp(min=0)[:, None])[:, 0]
+    labelled = target != ignore_index
+    picked = log_probs.gather(1, torch.where(labelled, target, 0)[:, None])[:, 0]
     return -(picked * labelled).sum() / labelled.sum()
 
 
@@ -283,12 +284,14 @@ def _reference_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torc
     (6 * 3 * 5 + 7, 6 * 3 * 5),  # bands of 3 rows of a 7-row sample: 3, 3, 1
     (6 * 5, 6 * 5),  # one row per call
 ])
+@pytest.mark.parametrize("ignore_index", [-1, 255])
 def test_softmax_cross_entropy_in_parts_is_the_one_call_mean(monkeypatch, max_elements,
-                                                              largest_call):
+                                                              largest_call, ignore_index):
     torch.manual_seed(4)
     logits = torch.randn(5, 6, 7, 5, dtype=torch.float64)
-    target = torch.randint(-1, 6, (5, 7, 5))
-    target[1] = -1  # a sample without labels: its parts add nothing
+    target = torch.randint(0, 6, (5, 7, 5))
+    target[torch.rand(target.shape) < 0.2] = ignore_index
+    target[1] = ignore_index  # a sample without labels: its parts add nothing
     calls = []
     plain = F.cross_entropy
 
@@ -297,11 +300,12 @@ def test_softmax_cross_entropy_in_parts_is_the_one_call_mean(monkeypatch, max_el
         return plain(part, *args, **kwargs)
 
     whole = logits.clone().requires_grad_()
-    reference = _reference_cross_entropy(whole, target)
+    reference = _reference_cross_entropy(whole, target, ignore_index)
     reference.backward()
     monkeypatch.setattr(F, "cross_entropy", counted)
     parted = logits.clone().requires_grad_()
-    total = softmax_cross_entropy(parted, target, max_elements=max_elements)
+    total = softmax_cross_entropy(parted, target, ignore_index=ignore_index,
+                                  max_elements=max_elements)
     total.backward()
     assert max(calls) == largest_call and sum(calls) == logits.numel()
     torch.testing.assert_close(total, reference)

@@ -48,7 +48,8 @@ def softmax_cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int =
     an illegal memory access past 2**31 - 1 elements). A batch that fits in one call, every
     CPU batch of this project, takes the one plain call; larger ones are split into groups
     of samples, and a sample too large on its own into bands of rows, and the per-part sums
-    are divided by the labelled-pixel count (the same mean).
+    are divided by the labelled-pixel count (the same mean). Give float32 (or float64) logits,
+    as the model does: a half-precision sum over a part's pixels overflows.
     """
     if logits.numel() <= max_elements:
         return F.cross_entropy(logits, target, ignore_index=ignore_index)
