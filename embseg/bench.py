@@ -399,15 +399,32 @@ def run_point(spec: dict[str, Any]) -> dict[str, Any]:
     return _point_result(spec, proc.returncode, proc.stdout, proc.stderr)
 
 
+class PointError(RuntimeError):
+    """A point's process ended with an error other than running out of memory."""
+
+
 def _point_result(spec: dict[str, Any], returncode: int, stdout: str, stderr: str
                   ) -> dict[str, Any]:
-    """A finished point's JSON result; OOM for a kill or an out-of-memory error, else raise."""
+    """A finished point's JSON result; OOM for a kill or an out-of-memory error, else raise
+    :class:`PointError` with the error's last line."""
     if returncode == 0 and stdout.strip():
         return json.loads(stdout.strip().splitlines()[-1])
     if returncode < 0 or _is_oom(RuntimeError(stderr)):
         return {"peak_bytes": None, "step_seconds": None, "oom": True}
     last = (stderr.strip().splitlines() or ["no output"])[-1]
-    raise RuntimeError(f"benchmark point {spec} failed: {last}")
+    raise PointError(f"benchmark point {spec} failed: {last}")
+
+
+def _recorded(run, spec: dict[str, Any], log) -> dict[str, Any]:
+    """``run(spec)``, with a :class:`PointError` recorded as the point's result (null figures
+    and ``error``) rather than raised: one point whose kernel fails (a GPU run is minutes of
+    lent time) does not cost the points after it. The command reports such points at the end
+    and exits 1."""
+    try:
+        return run(spec)
+    except PointError as exc:
+        log(f"error  {exc}")
+        return {"peak_bytes": None, "step_seconds": None, "error": str(exc)}
 
 
 class PointServer:
@@ -520,17 +537,18 @@ def bench_memory(settings: BenchSettings, log, rows: list[dict[str, Any]] | None
                         "classes": classes, "cpu_memory_cap_gib": settings.cpu_memory_cap_gib,
                         "measured_steps": settings.measured_steps,
                         "measure_seconds": _step_measure_seconds(settings), **asdict(setting)}
-                result = run(spec)
+                result = _recorded(run, spec, log)
                 row = {"head": head_name, "classes": classes, "backbone": setting.backbone,
                        "batch": setting.batch, "image_size_px": setting.size,
                        "output_stride": setting.output_stride,
                        "peak_bytes": result["peak_bytes"],
                        "mapped_file_bytes": result.get("mapped_file_bytes"),
                        "step_seconds": result["step_seconds"],
-                       "timed_steps": result.get("timed_steps")}
+                       "timed_steps": result.get("timed_steps"), **_error_of(result)}
                 rows.append(row)
                 log(f"step   {head_name:7s} {setting.backbone:11s} C={classes:>7d} "
-                    f"{_fmt_bytes(row['peak_bytes']):>10s} {_fmt_seconds(row['step_seconds'])}")
+                    f"{_peak_cell([row], head_name, classes):>10s} "
+                    f"{_fmt_seconds(row['step_seconds'])}")
                 if on_point is not None:
                     on_point()
     return rows
@@ -545,17 +563,30 @@ def bench_step_pairs(settings: BenchSettings, log, run=run_point) -> list[dict[s
                 "classes_pair": list(settings.step_pair_classes),
                 "rounds": settings.step_pair_rounds,
                 "cpu_memory_cap_gib": settings.cpu_memory_cap_gib, **asdict(setting)}
-        result = run(spec)
+        result = _recorded(run, spec, log)
         low, high = settings.step_pair_classes
         pair = {"backbone": setting.backbone, "head": "ess", "classes": [low, high], **{
             key: value for key, value in result.items() if key not in ("classes", "head")}}
         pairs.append(pair)
         if pair.get("ratio_x") is None:
-            log(f"pair   ess     {setting.backbone:11s} C={low} vs C={high}: OOM")
+            log(f"pair   ess     {setting.backbone:11s} C={low} vs C={high}: "
+                f"{'failed' if pair.get('error') else 'OOM'}")
         else:
             log(f"pair   ess     {setting.backbone:11s} C={high} / C={low} step time "
                 f"{pair['ratio_x']:.3f}x (median of {pair['rounds']} alternating rounds)")
     return pairs
+
+
+def _error_of(result: dict[str, Any]) -> dict[str, str]:
+    """``{"error": ...}`` for a failed point's row, nothing for a measured or OOM one."""
+    return {"error": result["error"]} if result.get("error") else {}
+
+
+def failed_points(result: dict[str, Any]) -> list[str]:
+    """The errors of the run's points that failed (not OOM), in the order they ran."""
+    rows = (result.get("memory") or []) + (result.get("step_time_pairs") or []) + \
+        (result.get("loss") or [])
+    return [row["error"] for row in rows if row.get("error")]
 
 
 def _step_measure_seconds(settings: BenchSettings) -> float:
@@ -580,14 +611,14 @@ def bench_loss(settings: BenchSettings, log, rows: list[dict[str, Any]] | None =
                     "embed_dim": 32, "pixels": list(settings.loss_pixels),
                     "cpu_memory_cap_gib": settings.cpu_memory_cap_gib,
                     "measured_steps": _loss_steps(settings)}
-            result = run(spec)
+            result = _recorded(run, spec, log)
             row = {"head": head, "classes": classes, "pixels": batch * height * width,
                    "peak_bytes": result["peak_bytes"],
                    "mapped_file_bytes": result.get("mapped_file_bytes"),
                    "step_seconds": result["step_seconds"],
-                   "timed_steps": result.get("timed_steps")}
+                   "timed_steps": result.get("timed_steps"), **_error_of(result)}
             rows.append(row)
-            log(f"loss   {head:7s} C={classes:>7d} {_fmt_bytes(row['peak_bytes']):>10s} "
+            log(f"loss   {head:7s} C={classes:>7d} {_peak_cell([row], head, classes):>10s} "
                 f"{_fmt_seconds(row['step_seconds'])}")
             if on_point is not None:
                 on_point()
@@ -737,6 +768,13 @@ def _fmt_bytes(value: int | None) -> str:
 
 def _fmt_seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f} s"
+
+
+def _peak_cell(rows: list[dict[str, Any]], head: str, classes: int) -> str:
+    """A table's peak cell: MiB, ``OOM`` (null peak), or ``error`` (a failed point)."""
+    if _point(rows, head, classes, "error"):
+        return "error"
+    return _fmt_bytes(_point(rows, head, classes, "peak_bytes"))
 
 
 def _point(rows: list[dict[str, Any]], head: str, classes: int, key: str):
@@ -921,16 +959,16 @@ def to_markdown(result: dict[str, Any]) -> str:
         for classes in sorted({r["classes"] for r in rows}):
             lines.append(
                 f"| {backbone} | {first['batch']} x {first['image_size_px']}² | {classes:,} | "
-                f"{_fmt_bytes(_point(rows, 'ess', classes, 'peak_bytes'))} | "
+                f"{_peak_cell(rows, 'ess', classes)} | "
                 f"{_fmt_seconds(_point(rows, 'ess', classes, 'step_seconds'))} | "
-                f"{_fmt_bytes(_point(rows, 'softmax', classes, 'peak_bytes'))} | "
+                f"{_peak_cell(rows, 'softmax', classes)} | "
                 f"{_fmt_seconds(_point(rows, 'softmax', classes, 'step_seconds'))} |")
     lines += _memory_notes(result) if memory else ["", *_load_lines(result)]
     for pair in result.get("step_time_pairs") or []:
         low, high = pair["classes"]
         if pair.get("ratio_x") is None:
             lines.append(f"Step time, ESS, {pair['backbone']}, C = {high:,} vs C = {low:,} in "
-                         f"one process: out of memory.")
+                         f"one process: {'failed' if pair.get('error') else 'out of memory'}.")
             continue
         lines.append(
             f"Step time, ESS, {pair['backbone']}, C = {high:,} vs C = {low:,}, both models in "
@@ -947,9 +985,9 @@ def to_markdown(result: dict[str, Any]) -> str:
                   "|---:|---:|---:|---:|---:|"]
         for classes in sorted({r["classes"] for r in loss}):
             lines.append(
-                f"| {classes:,} | {_fmt_bytes(_point(loss, 'ess', classes, 'peak_bytes'))} | "
+                f"| {classes:,} | {_peak_cell(loss, 'ess', classes)} | "
                 f"{_fmt_seconds(_point(loss, 'ess', classes, 'step_seconds'))} | "
-                f"{_fmt_bytes(_point(loss, 'softmax', classes, 'peak_bytes'))} | "
+                f"{_peak_cell(loss, 'softmax', classes)} | "
                 f"{_fmt_seconds(_point(loss, 'softmax', classes, 'step_seconds'))} |")
         mapped = _mapped_files_lines(loss)
         lines += ["", *mapped] if mapped else []
@@ -975,15 +1013,25 @@ def to_markdown(result: dict[str, Any]) -> str:
                           f"{cold['images_per_second_shards']:.0f} samples/s, loose files "
                           f"{cold['images_per_second_loose_files']:.0f} samples/s "
                           f"({cold['speedup_x']:.2f}x, median of {cold['rounds']} rounds)."]
+    failed = failed_points(result)
+    if failed:
+        lines += ["", f"## Failed points ({len(failed)})", "", *[f"- {error}" for error in failed]]
     ratio = result.get("softmax_over_ess_memory_at_1284")
     lines += ["", "## Goals", ""]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {name} ({detail})" for name, ok, detail in goals(result)]
     if memory:
         anon = softmax_ess_ratio_without_mapped_files(result)
         lines.append(f"- softmax/ESS peak memory at C=1284: "
-                     f"{'softmax OOM' if ratio is None else f'{ratio:.2f}x'}"
+                     f"{_missing_ratio(memory) if ratio is None else f'{ratio:.2f}x'}"
                      + ("" if anon is None else f" ({anon:.2f}x without mapped files)"))
     return "\n".join(lines) + "\n"
+
+
+def _missing_ratio(memory: list[dict[str, Any]]) -> str:
+    """Why the softmax/ESS ratio at 1,284 classes is missing."""
+    if _point(memory, "softmax", 1284, "error") or _point(memory, "ess", 1284, "error"):
+        return "a point failed"
+    return "softmax OOM"
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -1003,7 +1051,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.plot(xs, ys, style, label=f"{head} ({backbone})")
             for r in rows:
                 if r["peak_bytes"] is None:
-                    ax.annotate("OOM", (r["classes"], ax.get_ylim()[1] if ys else 0),
+                    ax.annotate("error" if r.get("error") else "OOM", (r["classes"], ax.get_ylim()[1] if ys else 0),
                                 ha="center", fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("classes C")
@@ -1175,6 +1223,7 @@ def _write_outputs(result: dict[str, Any], settings: BenchSettings, *, out: Path
     result["softmax_over_ess_memory_at_1284_without_mapped_files"] = \
         softmax_ess_ratio_without_mapped_files(result)
     result["goals"] = [{"goal": n, "passed": ok, "value": d} for n, ok, d in goals(result)]
+    result["failed_points"] = failed_points(result)
     if result["memory"]:
         result["class_table_floor_bytes"] = class_table_floor_bytes(settings)
     result["load_average_1_5_15_after"] = list(os.getloadavg())
@@ -1187,7 +1236,8 @@ def _write_outputs(result: dict[str, Any], settings: BenchSettings, *, out: Path
 
 
 def cli_bench(args: argparse.Namespace) -> int:
-    """``embseg bench``: prints progress, the tables and the pass/fail goal lines."""
+    """``embseg bench``: prints progress, the tables and the pass/fail goal lines; exits 1
+    when a point failed with an error other than running out of memory."""
     parts = tuple(part.strip() for part in args.parts.split(",") if part.strip())
     result = run_bench(quick=args.quick, gpu_sizes=args.gpu_sizes, out=args.out,
                        json_path=args.json, parts=parts, shards=args.shards)
@@ -1198,4 +1248,9 @@ def cli_bench(args: argparse.Namespace) -> int:
         written.append(args.out / "memory_vs_classes.png")
     print(f"wrote {', '.join(str(path) for path in written)} in "
           f"{result['total_seconds']:.0f} s")
+    failed = failed_points(result)
+    if failed:
+        print(f"embseg bench: {len(failed)} point(s) failed (not out of memory); their errors "
+              f"are under 'Failed points' in bench.md", file=sys.stderr)
+        return 1
     return 0

@@ -259,6 +259,45 @@ def test_memory_part_end_to_end_on_tiny_sizes(tmp_path, monkeypatch):
     assert (tmp_path / "memory_vs_classes.png").exists()
 
 
+def test_a_failed_point_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """A point that fails with an error other than OOM (a kernel fault, say) gets null figures
+    and its error; the later points still run, the tables say "error", and the command exits 1."""
+    monkeypatch.setattr(bench, "settings_for", _tiny_settings)
+    ran = []
+
+    class FlakyServer:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def run(self, spec):
+            ran.append((spec["kind"], spec.get("head"), spec.get("classes")))
+            if spec.get("head") == "softmax" and spec.get("classes") == 40:
+                return bench._point_result(spec, 1, "", "Traceback ...\nRuntimeError: CUDA "
+                                           "error: an illegal memory access was encountered")
+            return {"peak_bytes": 2**20, "step_seconds": 0.5, "timed_steps": 1,
+                    "ratio_x": 1.0, "rounds": 1, "rounds_ratio_x": [1.0],
+                    "step_seconds_low": [0.5], "step_seconds_high": [0.5]}
+
+    monkeypatch.setattr(bench, "PointServer", FlakyServer)
+    from embseg.cli import main
+
+    out = tmp_path / "out"
+    assert main(["bench", "--parts", "memory,loss", "--out", str(out)]) == 1
+    assert "1 point(s) failed (not out of memory)" in capsys.readouterr().err
+    assert ran[-1] == ("loss", "softmax", 5)  # the points after the failed one ran
+    saved = json.loads((out / "bench.json").read_text())
+    failed = [r for r in saved["memory"] if r.get("error")]
+    assert [(r["head"], r["classes"], r["peak_bytes"]) for r in failed] == [("softmax", 40, None)]
+    assert "illegal memory access" in failed[0]["error"]
+    assert saved["failed_points"] == [failed[0]["error"]] and saved["complete"] is True
+    markdown = (out / "bench.md").read_text()
+    assert "| tiny | 1 x 32² | 40 | 1 MiB | 0.500 s | error | - |" in markdown
+    assert "## Failed points (1)" in markdown
+
+
 def test_a_run_cut_short_leaves_the_points_it_measured(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "settings_for", _tiny_settings)
     calls = []
@@ -411,7 +450,7 @@ def test_point_server_children_measure_what_a_fresh_process_does_and_fail_alike(
     fresh = bench.run_point(spec)
     with bench.PointServer() as server:
         served = server.run(spec)
-        with pytest.raises(RuntimeError, match="KeyError: 'no-such-kind'"):
+        with pytest.raises(bench.PointError, match="KeyError: 'no-such-kind'"):
             server.run({**spec, "kind": "no-such-kind"})
         assert server.run(oom) == {"peak_bytes": None, "step_seconds": None, "oom": True}
         again = server.run(spec)
