@@ -17,7 +17,11 @@ else
 fi
 export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.csv" 2>&1
+{   # the machine, for the record (DataLoader workers pass batches through /dev/shm)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    nproc; free -g; df -h /dev/shm
+    python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+} >"$out/machine.txt" 2>&1
 case $part in
     check) python3 -m embseg gpu-check run --data .gpucheck --out "$out/check" "$@" ;;
     bench) python3 -m embseg bench --gpu-sizes --parts memory,loss --out "$out/bench" "$@" ;;
