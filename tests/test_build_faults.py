@@ -162,10 +162,10 @@ def _assert_resumed_identical(synth, out: Path, clean, *, min_reused: int):
     assert report.n_images == N_IMAGES and report.n_failed == 0
     assert _shards(out) == clean_shards
     assert _manifest_rows(out) == _manifest_rows(clean_out)
-    return report
     leftovers = [p.name for folder in (out, out / ".parts") for p in folder.iterdir()
                  if p.name.endswith(".partial")]
     assert not leftovers
+    return report
 
 
 def test_sigkill_after_first_shard_then_rerun(synth, clean, tmp_path):
