@@ -102,9 +102,11 @@ def prepare(data: Path, settings: CheckSettings = CheckSettings()) -> dict[str, 
 
 
 def _train_rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return [row for row in rows if row.get("kind") == "train"]
+    """The run's logged training steps (none where it stopped before logging one)."""
+    from embseg.train import MetricsLog
+
+    return [row for row in MetricsLog(run_dir / "metrics.jsonl").rows()
+            if row.get("kind") == "train"]
 
 
 @dataclass

@@ -51,9 +51,12 @@ def _config(root: Path, out: Path, **overrides) -> TrainConfig:
     return TrainConfig(**settings)
 
 
+def _all_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def _rows(run: Path, kind: str) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [row for row in rows if row["kind"] == kind]
+    return [row for row in _all_rows(run) if row["kind"] == kind]
 
 
 @pytest.fixture(scope="module")
@@ -116,10 +119,6 @@ def _tag_rows(metrics: Path) -> list[dict]:
         lines.append(json.dumps(tagged[-1]) + ("\n" if line.endswith("\n") else ""))
     metrics.write_text("".join(lines))
     return tagged
-
-
-def _all_rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _resume_copy(reference_run: Path, target: Path, checkpoint: str) -> None:
