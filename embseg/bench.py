@@ -540,15 +540,10 @@ def bench_memory(settings: BenchSettings, log, rows: list[dict[str, Any]] | None
                 result = _recorded(run, spec, log)
                 row = {"head": head_name, "classes": classes, "backbone": setting.backbone,
                        "batch": setting.batch, "image_size_px": setting.size,
-                       "output_stride": setting.output_stride,
-                       "peak_bytes": result["peak_bytes"],
-                       "mapped_file_bytes": result.get("mapped_file_bytes"),
-                       "step_seconds": result["step_seconds"],
-                       "timed_steps": result.get("timed_steps"), **_error_of(result)}
+                       "output_stride": setting.output_stride, **_measured_fields(result)}
                 rows.append(row)
                 log(f"step   {head_name:7s} {setting.backbone:11s} C={classes:>7d} "
-                    f"{_peak_cell([row], head_name, classes):>10s} "
-                    f"{_fmt_seconds(row['step_seconds'])}")
+                    f"{_fmt_peak(row):>10s} {_fmt_seconds(row['step_seconds'])}")
                 if on_point is not None:
                     on_point()
     return rows
@@ -556,7 +551,8 @@ def bench_memory(settings: BenchSettings, log, rows: list[dict[str, Any]] | None
 
 def bench_step_pairs(settings: BenchSettings, log, run=run_point) -> list[dict[str, Any]]:
     """Part 1b: the ESS step-time goal's two class counts timed alternately in one process
-    (:func:`_step_pair_point`), per backbone; an entry with ``"oom": true`` if they do not fit."""
+    (:func:`_step_pair_point`), per backbone; an entry with ``"oom": true`` if they do not fit,
+    or with ``error`` if the point failed otherwise."""
     pairs = []
     for setting in settings.steps:
         spec = {"kind": "step_pair", "device": settings.device, "head": "embedding",
@@ -577,9 +573,14 @@ def bench_step_pairs(settings: BenchSettings, log, run=run_point) -> list[dict[s
     return pairs
 
 
-def _error_of(result: dict[str, Any]) -> dict[str, str]:
-    """``{"error": ...}`` for a failed point's row, nothing for a measured or OOM one."""
-    return {"error": result["error"]} if result.get("error") else {}
+def _measured_fields(result: dict[str, Any]) -> dict[str, Any]:
+    """A point's figures for its table row, and its ``error`` if it failed (not OOM)."""
+    fields = {"peak_bytes": result["peak_bytes"],
+              "mapped_file_bytes": result.get("mapped_file_bytes"),
+              "step_seconds": result["step_seconds"], "timed_steps": result.get("timed_steps")}
+    if result.get("error"):
+        fields["error"] = result["error"]
+    return fields
 
 
 def failed_points(result: dict[str, Any]) -> list[str]:
@@ -613,12 +614,9 @@ def bench_loss(settings: BenchSettings, log, rows: list[dict[str, Any]] | None =
                     "measured_steps": _loss_steps(settings)}
             result = _recorded(run, spec, log)
             row = {"head": head, "classes": classes, "pixels": batch * height * width,
-                   "peak_bytes": result["peak_bytes"],
-                   "mapped_file_bytes": result.get("mapped_file_bytes"),
-                   "step_seconds": result["step_seconds"],
-                   "timed_steps": result.get("timed_steps"), **_error_of(result)}
+                   **_measured_fields(result)}
             rows.append(row)
-            log(f"loss   {head:7s} C={classes:>7d} {_peak_cell([row], head, classes):>10s} "
+            log(f"loss   {head:7s} C={classes:>7d} {_fmt_peak(row):>10s} "
                 f"{_fmt_seconds(row['step_seconds'])}")
             if on_point is not None:
                 on_point()
@@ -770,18 +768,20 @@ def _fmt_seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f} s"
 
 
-def _peak_cell(rows: list[dict[str, Any]], head: str, classes: int) -> str:
-    """A table's peak cell: MiB, ``OOM`` (null peak), or ``error`` (a failed point)."""
-    if _point(rows, head, classes, "error"):
+def _fmt_peak(row: dict[str, Any] | None) -> str:
+    """A row's peak: MiB, ``OOM`` (a null peak, or no row), or ``error`` (a failed point)."""
+    if row is not None and row.get("error"):
         return "error"
-    return _fmt_bytes(_point(rows, head, classes, "peak_bytes"))
+    return _fmt_bytes(None if row is None else row["peak_bytes"])
+
+
+def _row(rows: list[dict[str, Any]], head: str, classes: int) -> dict[str, Any] | None:
+    return next((r for r in rows if r["head"] == head and r["classes"] == classes), None)
 
 
 def _point(rows: list[dict[str, Any]], head: str, classes: int, key: str):
-    for row in rows:
-        if row["head"] == head and row["classes"] == classes:
-            return row.get(key)  # mapped_file_bytes: CPU runs of 2026-12-01 on
-    return None
+    row = _row(rows, head, classes)
+    return None if row is None else row.get(key)  # mapped_file_bytes: CPU runs of 2026-12-01 on
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -959,9 +959,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         for classes in sorted({r["classes"] for r in rows}):
             lines.append(
                 f"| {backbone} | {first['batch']} x {first['image_size_px']}² | {classes:,} | "
-                f"{_peak_cell(rows, 'ess', classes)} | "
+                f"{_fmt_peak(_row(rows, 'ess', classes))} | "
                 f"{_fmt_seconds(_point(rows, 'ess', classes, 'step_seconds'))} | "
-                f"{_peak_cell(rows, 'softmax', classes)} | "
+                f"{_fmt_peak(_row(rows, 'softmax', classes))} | "
                 f"{_fmt_seconds(_point(rows, 'softmax', classes, 'step_seconds'))} |")
     lines += _memory_notes(result) if memory else ["", *_load_lines(result)]
     for pair in result.get("step_time_pairs") or []:
@@ -985,9 +985,9 @@ def to_markdown(result: dict[str, Any]) -> str:
                   "|---:|---:|---:|---:|---:|"]
         for classes in sorted({r["classes"] for r in loss}):
             lines.append(
-                f"| {classes:,} | {_peak_cell(loss, 'ess', classes)} | "
+                f"| {classes:,} | {_fmt_peak(_row(loss, 'ess', classes))} | "
                 f"{_fmt_seconds(_point(loss, 'ess', classes, 'step_seconds'))} | "
-                f"{_peak_cell(loss, 'softmax', classes)} | "
+                f"{_fmt_peak(_row(loss, 'softmax', classes))} | "
                 f"{_fmt_seconds(_point(loss, 'softmax', classes, 'step_seconds'))} |")
         mapped = _mapped_files_lines(loss)
         lines += ["", *mapped] if mapped else []
@@ -1051,7 +1051,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.plot(xs, ys, style, label=f"{head} ({backbone})")
             for r in rows:
                 if r["peak_bytes"] is None:
-                    ax.annotate("error" if r.get("error") else "OOM", (r["classes"], ax.get_ylim()[1] if ys else 0),
+                    ax.annotate(_fmt_peak(r), (r["classes"], ax.get_ylim()[1] if ys else 0),
                                 ha="center", fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("classes C")
