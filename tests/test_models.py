@@ -278,6 +278,20 @@ def _reference_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
     return -(picked * labelled).sum() / labelled.sum()
 
 
+@pytest.fixture
+def cross_entropy_calls(monkeypatch) -> list[torch.Size]:
+    """The logits shape of every ``F.cross_entropy`` call from here on (the real one runs)."""
+    calls = []
+    plain = F.cross_entropy
+
+    def counted(part, *args, **kwargs):
+        calls.append(part.shape)
+        return plain(part, *args, **kwargs)
+
+    monkeypatch.setattr(F, "cross_entropy", counted)
+    return calls
+
+
 @pytest.mark.parametrize("max_elements, largest_call", [
     (6 * 7 * 5 * 2, 6 * 7 * 5 * 2),  # two samples per call: B = 5 -> calls of 2, 2, 1
     (6 * 7 * 5, 6 * 7 * 5),  # one sample per call
@@ -285,42 +299,32 @@ def _reference_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
     (6 * 5, 6 * 5),  # one row per call
 ])
 @pytest.mark.parametrize("ignore_index", [-1, 255])
-def test_softmax_cross_entropy_in_parts_is_the_one_call_mean(monkeypatch, max_elements,
-                                                              largest_call, ignore_index):
+def test_softmax_cross_entropy_in_parts_is_the_one_call_mean(cross_entropy_calls,
+                                                              max_elements, largest_call,
+                                                              ignore_index):
     torch.manual_seed(4)
     logits = torch.randn(5, 6, 7, 5, dtype=torch.float64)
     target = torch.randint(0, 6, (5, 7, 5))
     target[torch.rand(target.shape) < 0.2] = ignore_index
     target[1] = ignore_index  # a sample without labels: its parts add nothing
-    calls = []
-    plain = F.cross_entropy
-
-    def counted(part, *args, **kwargs):
-        calls.append(part.numel())
-        return plain(part, *args, **kwargs)
-
     whole = logits.clone().requires_grad_()
-    reference = _reference_cross_entropy(whole, target, ignore_index)
+    reference = _reference_cross_entropy(whole, target, ignore_index)  # no F.cross_entropy
     reference.backward()
-    monkeypatch.setattr(F, "cross_entropy", counted)
     parted = logits.clone().requires_grad_()
     total = softmax_cross_entropy(parted, target, ignore_index=ignore_index,
                                   max_elements=max_elements)
     total.backward()
-    assert max(calls) == largest_call and sum(calls) == logits.numel()
+    sizes = [shape.numel() for shape in cross_entropy_calls]
+    assert max(sizes) == largest_call and sum(sizes) == logits.numel()
     torch.testing.assert_close(total, reference)
     torch.testing.assert_close(parted.grad, whole.grad)
 
 
-def test_softmax_cross_entropy_fits_one_call_when_it_can(monkeypatch):
+def test_softmax_cross_entropy_fits_one_call_when_it_can(cross_entropy_calls):
     logits, target = torch.randn(2, 4, 3, 3), torch.randint(-1, 4, (2, 3, 3))
-    calls = []
-    plain = F.cross_entropy
-    monkeypatch.setattr(F, "cross_entropy",
-                        lambda part, *a, **k: calls.append(part.shape) or plain(part, *a, **k))
     torch.testing.assert_close(softmax_cross_entropy(logits, target, max_elements=72),
                                _reference_cross_entropy(logits, target))
-    assert calls == [logits.shape]
+    assert cross_entropy_calls == [logits.shape]
     with pytest.raises(ValueError, match="one row of logits"):
         softmax_cross_entropy(logits, target, max_elements=11)
 
