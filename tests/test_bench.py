@@ -259,13 +259,11 @@ def test_memory_part_end_to_end_on_tiny_sizes(tmp_path, monkeypatch):
     assert (tmp_path / "memory_vs_classes.png").exists()
 
 
-def test_a_failed_point_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
-    """A point that fails with an error other than OOM (a kernel fault, say) gets null figures
-    and its error; the later points still run, the tables say "error", and the command exits 1."""
-    monkeypatch.setattr(bench, "settings_for", _tiny_settings)
-    ran = []
+def _serving(point):
+    """A stand-in for :class:`bench.PointServer` (which CPU points go through) whose points
+    are ``point(spec)``."""
 
-    class FlakyServer:
+    class Server:
         def __enter__(self):
             return self
 
@@ -273,15 +271,27 @@ def test_a_failed_point_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, c
             return None
 
         def run(self, spec):
-            ran.append((spec["kind"], spec.get("head"), spec.get("classes")))
-            if spec.get("head") == "softmax" and spec.get("classes") == 40:
-                return bench._point_result(spec, 1, "", "Traceback ...\nRuntimeError: CUDA "
-                                           "error: an illegal memory access was encountered")
-            return {"peak_bytes": 2**20, "step_seconds": 0.5, "timed_steps": 1,
-                    "ratio_x": 1.0, "rounds": 1, "rounds_ratio_x": [1.0],
-                    "step_seconds_low": [0.5], "step_seconds_high": [0.5]}
+            return point(spec)
 
-    monkeypatch.setattr(bench, "PointServer", FlakyServer)
+    return Server
+
+
+def test_a_failed_point_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """A point that fails with an error other than OOM (a kernel fault, say) gets null figures
+    and its error; the later points still run, the tables say "error", and the command exits 1."""
+    monkeypatch.setattr(bench, "settings_for", _tiny_settings)
+    ran = []
+
+    def flaky_point(spec):
+        ran.append((spec["kind"], spec.get("head"), spec.get("classes")))
+        if spec.get("head") == "softmax" and spec.get("classes") == 40:
+            return bench._point_result(spec, 1, "", "Traceback ...\nRuntimeError: CUDA "
+                                       "error: an illegal memory access was encountered")
+        return {"peak_bytes": 2**20, "step_seconds": 0.5, "timed_steps": 1,
+                "ratio_x": 1.0, "rounds": 1, "rounds_ratio_x": [1.0],
+                "step_seconds_low": [0.5], "step_seconds_high": [0.5]}
+
+    monkeypatch.setattr(bench, "PointServer", _serving(flaky_point))
     from embseg.cli import main
 
     out = tmp_path / "out"
@@ -308,17 +318,7 @@ def test_a_run_cut_short_leaves_the_points_it_measured(tmp_path, monkeypatch):
             raise RuntimeError("the machine went away")
         return {"peak_bytes": 2**20 * len(calls), "step_seconds": 0.5, "timed_steps": 1}
 
-    class FakeServer:  # CPU points go through the point server
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return None
-
-        def run(self, spec):
-            return fake_point(spec)
-
-    monkeypatch.setattr(bench, "PointServer", FakeServer)
+    monkeypatch.setattr(bench, "PointServer", _serving(fake_point))
     with pytest.raises(RuntimeError, match="the machine went away"):
         bench.run_bench(quick=True, gpu_sizes=False, out=tmp_path, json_path=None,
                         parts=("memory", "loss"), log=lambda line: None)
