@@ -81,22 +81,25 @@ class CheckSettings:
 def prepare(data: Path, settings: CheckSettings = CheckSettings()) -> dict[str, Any]:
     """Synthetic data and train/val shards of both parts under ``data`` (needs Ray)."""
     from embseg.build import build_shards
+    from embseg.raywork import ray_runtime
     from embseg.synth import generate_synthetic
 
     built: dict[str, Any] = {}
-    for part, sizes in (("demo", settings.demo_data), ("paper", settings.paper_data)):
-        synthetic = generate_synthetic(data / part / "synthetic", images=sizes.images,
-                                       val_images=sizes.val_images,
-                                       lvis_classes=sizes.lvis_classes, seed=0, size=sizes.size)
-        splits = [("train", synthetic.lvis_train, synthetic.stuff_train)]
-        if sizes.val_images:
-            splits.append(("val", synthetic.lvis_val, synthetic.stuff_val))
-        for split, lvis, stuff in splits:
-            report = build_shards(lvis=lvis, coco_stuff=[stuff], images=synthetic.images_root,
-                                  out=data / part / split, split=split, shard_size=100,
-                                  progress=False)
-            built[f"{part}/{split}"] = report.n_ok
-        shutil.rmtree(synthetic.images_root)  # the shards hold the images; keep what travels small
+    with ray_runtime():  # one local Ray for the three builds (each would start its own)
+        for part, sizes in (("demo", settings.demo_data), ("paper", settings.paper_data)):
+            synthetic = generate_synthetic(data / part / "synthetic", images=sizes.images,
+                                           val_images=sizes.val_images,
+                                           lvis_classes=sizes.lvis_classes, seed=0,
+                                           size=sizes.size)
+            splits = [("train", synthetic.lvis_train, synthetic.stuff_train)]
+            if sizes.val_images:
+                splits.append(("val", synthetic.lvis_val, synthetic.stuff_val))
+            for split, lvis, stuff in splits:
+                report = build_shards(lvis=lvis, coco_stuff=[stuff],
+                                      images=synthetic.images_root, out=data / part / split,
+                                      split=split, shard_size=100, progress=False)
+                built[f"{part}/{split}"] = report.n_ok
+            shutil.rmtree(synthetic.images_root)  # the shards hold the images; travel light
     (data / "settings.json").write_text(json.dumps(asdict(settings), indent=2) + "\n")
     return built
 
