@@ -21,6 +21,11 @@ from pathlib import Path
 
 from embseg.errors import EmbsegError
 
+SHARDS_FORMS = ("a folder, a brace pattern (DIR/train-{000000..000099}.tar), pipe:COMMAND or a "
+                "URL (http(s)://, s3://, gs://); classes.parquet and manifest.parquet are read "
+                "from beside them")
+"""What every ``--shards`` option accepts (see embseg.data.sources)."""
+
 
 def _command(parser: argparse.ArgumentParser, target: str) -> None:
     parser.set_defaults(_target=target)
@@ -64,9 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     _command(p, "embseg.synth:cli_synth")
 
     p = sub.add_parser("train", help="train DeepLabV3+ with the embedding (ESS) or softmax head")
-    p.add_argument("--shards", type=Path, required=True)
+    p.add_argument("--shards", required=True, help=f"training shards: {SHARDS_FORMS}")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--val-shards", type=Path, default=None)
+    p.add_argument("--val-shards", default=None,
+                   help="validation shards, in the same forms as --shards (default: no "
+                        "validation)")
     p.add_argument("--head", choices=["embedding", "softmax"], default="embedding")
     p.add_argument("--backbone", default="tiny",
                    choices=["tiny", "mobilenetv2", "resnet50", "resnet101"])
@@ -106,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="mIoU and per-class IoU of a checkpoint on shards")
     p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--shards", type=Path, required=True)
+    p.add_argument("--shards", required=True,
+                   help=f"shards to score the checkpoint on: {SHARDS_FORMS}")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--batch-size", type=int, default=4)
@@ -127,9 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     p.add_argument("--parts", default="memory,loss,build,loader",
                    help="comma-separated parts to run (default: all four)")
-    p.add_argument("--shards", type=Path, default=None,
+    p.add_argument("--shards", default=None,
                    help="the loader part reads these shards (your own data) instead of the "
-                        "build part's synthetic ones")
+                        f"build part's synthetic ones: {SHARDS_FORMS}")
     _command(p, "embseg.bench:cli_bench")
 
     p = sub.add_parser("gpu-check", help="train on a CUDA device: the demo configuration and "

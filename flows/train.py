@@ -103,9 +103,9 @@ def _plain(value: Any) -> Any:
 
 @flow(name="train", log_prints=True)
 def train_flow(
-    shards: Path,
+    shards: str | Path,
     out: Path,
-    val_shards: Path | None = None,
+    val_shards: str | Path | None = None,
     head: str = "embedding",
     backbone: str = "tiny",
     backbone_weights: Path | None = None,
@@ -134,6 +134,9 @@ def train_flow(
     init_checkpoint: Path | None = None,
 ) -> dict[str, Any]:
     """Train a model on ``shards`` into the run folder ``out`` (see ``embseg train --help``).
+
+    ``shards`` and ``val_shards`` take every ``--shards`` form: a folder, a brace pattern, a
+    ``pipe:`` command or a URL (``http(s)://``, ``s3://``, ``gs://``).
 
     ``init_checkpoint`` starts a new run from a checkpoint's weights (fine-tuning); a run that
     already has a checkpoint in ``out`` resumes from it instead.
