@@ -43,6 +43,9 @@ _META_MEMBER = re.compile(r"__[^/]*__($|/)")  # WebDataset's metadata members (s
 FSSPEC_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
 """Object-store schemes opened through fsspec instead of webdataset.gopen."""
 
+_ENDED_EARLY = ("empty file", "unexpected end of data", "truncated header")
+"""tarfile's reasons for a stream that ended too soon (a child's exit status says why)."""
+
 _CURL_EXITS = {6: "could not resolve the host", 7: "could not connect to the server",
                18: "the connection closed before the end of the file",
                22: "the server answered with an HTTP error", 28: "timed out",
@@ -108,7 +111,11 @@ class _ShardReading:
         return False
 
     def files(self) -> Iterator[dict[str, Any]]:
-        """``{"fname", "data", "__url__"}`` of each regular member, for ``group_by_keys``."""
+        """``{"fname", "data", "__url__"}`` of each regular member, for ``group_by_keys``.
+
+        At the end of the archive the stream is read to its end and closed before the last
+        sample is let through: a pipe's exit status (curl's included) is only known then.
+        """
         try:
             self.stream = open_shard(self.url)
             with tarfile.open(fileobj=self.stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
@@ -120,35 +127,46 @@ class _ShardReading:
                     self.member, self.last_member = None, info.name
                     yield {"fname": info.name, "data": data, "__url__": self.url}
                     tar.members = []  # stream mode: forget members already read
-        except Exception as exc:  # noqa: BLE001 - every read error ends the shard with a reason
-            self.fail(_reason(exc, self.url), self.member)
-            if self.member is not None:
-                key, _ = base_plus_ext(self.member)
-                if key is not None:  # drop the sample being read (WebDataset's __bad__ flag)
-                    yield {"fname": f"{key}.__bad__", "data": True, "__url__": self.url}
-
-    def close(self) -> None:
-        """Read the stream to its end and close it: a pipe's exit status, curl's included,
-        is only known then. After a problem the child is stopped, not waited for."""
-        stream, self.stream = self.stream, None
-        if stream is None:
-            return
-        if self.problem is not None:
-            _abandon(stream)
-            return
-        try:
+            stream, self.stream = self.stream, None
             while stream.read(1 << 16):
                 pass
             stream.close()
-        except Exception as exc:  # noqa: BLE001
-            self.fail(_reason(exc, self.url))
-            _abandon(stream)
+        except Exception as exc:  # noqa: BLE001 - every read error ends the shard with a reason
+            yield from self._stopped(exc)
 
-    def abandon(self) -> None:
-        """Stop reading (the consumer stopped early): close without draining or checking."""
+    def _stopped(self, exc: Exception) -> Iterator[dict[str, Any]]:
+        """Note why reading stopped, and drop the sample being read: the one of the member
+        whose data failed or, when the stream itself ended early or failed (network, a
+        child's exit), the one still being assembled, which may lack parts. A damaged
+        header alone keeps the samples before it."""
+        reason = _reason(exc, self.url)
+        ended_early = (not isinstance(exc, (tarfile.TarError, _ShardError))
+                       or reason in _ENDED_EARLY)
+        stream = self.stream
+        if ended_early and isinstance(stream, Pipe):
+            # the child's exit status is the cause (curl's HTTP error or dropped connection,
+            # a failed command), even where the short stream showed first in the tar
+            status = _exit_status(stream, timeout=10)
+            if status not in (None, 0, 141):
+                reason = _pipe_reason(self.url, status)
+        member = self.member or (self.last_member if ended_early else None)
+        self.fail(reason, member)
+        key = base_plus_ext(member)[0] if member else None
+        if key is not None:  # WebDataset's __bad__ flag: group_by_keys drops the sample
+            yield {"fname": f"{key}.__bad__", "data": True, "__url__": self.url}
+
+    def close(self) -> None:
+        """Stop the stream if reading ended early (a problem, or the consumer stopped)."""
         stream, self.stream = self.stream, None
         if stream is not None:
             _abandon(stream)
+
+
+def _exit_status(pipe: Pipe, *, timeout: float) -> int | None:
+    try:
+        return pipe.proc.wait(timeout)
+    except Exception:  # noqa: BLE001 - still running: no status to report
+        return None
 
 
 def _abandon(stream: Any) -> None:
@@ -171,14 +189,14 @@ def read_shard(shard: str, expected_keys: list[str] | None = None) -> Iterator[d
         for sample in group_by_keys(reading.files(), handler=reading.handler):
             seen.add(sample["__key__"])
             yield sample
-    except GeneratorExit:  # the consumer stopped early: no draining, no status check
-        reading.abandon()
-        raise
-    reading.close()
+    finally:
+        reading.close()
     missing = [key for key in (expected_keys or []) if key not in seen]
     if reading.problem is not None:
+        lost = (f"; {len(missing)} sample(s) of the manifest not read, from this key on"
+                if missing else "")
         yield BadItem(url, _failed_key(reading.problem_member or reading.last_member, seen,
-                                       missing), f"unreadable tar ({reading.problem})")
+                                       missing), f"unreadable tar ({reading.problem}){lost}")
         return
     if missing:
         yield BadItem(url, missing[0], f"truncated tar: {len(missing)} sample(s) of the "
