@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-checkpoint", type=Path, default=None,
                    help="start a new run from this checkpoint's weights (fine-tuning)")
     p.add_argument("--on-bad-sample", choices=["skip", "fail"], default="skip")
+    p.add_argument("--repeat-threshold", type=float, default=None, metavar="T",
+                   help="repeat-factor sampling (LVIS): an image whose rarest class is in a "
+                        "fraction f < T of the training images appears about sqrt(T / f) "
+                        "times per epoch (factors from manifest.parquet; LVIS uses 0.001); "
+                        "off by default")
     p.add_argument("--no-progress", action="store_true")
     _command(p, "embseg.train:cli_train")
 
