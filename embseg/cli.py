@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat-threshold", type=float, default=None, metavar="T",
                    help="repeat-factor sampling (LVIS): an image whose rarest class is in a "
                         "fraction f < T of the training images appears about sqrt(T / f) "
-                        "times per epoch (factors from manifest.parquet; LVIS uses 0.001); "
-                        "off by default")
+                        "times per epoch (factors from manifest.parquet; LVIS uses 0.001) "
+                        "(default: off)")
     p.add_argument("--no-progress", action="store_true")
     _command(p, "embseg.train:cli_train")
 
