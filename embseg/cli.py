@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     _command(p, "embseg.synth:cli_synth")
 
     p = sub.add_parser("train", help="train DeepLabV3+ with the embedding (ESS) or softmax head")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="recipe file (YAML, e.g. configs/paper-lvis-coco.yaml) of training "
+                        "settings; options given on the command line override it "
+                        "(default: none, the defaults below)")
     p.add_argument("--shards", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--val-shards", type=Path, default=None)
@@ -149,9 +153,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def given_options(argv: Sequence[str]) -> frozenset[str]:
+    """Destinations of the options the command line ``argv`` gives itself (not defaults).
+
+    Parsed a second time by a parser whose defaults are all suppressed, so an option left out
+    leaves no attribute; ``embseg train --config`` lets exactly these override its file.
+    """
+    probe = build_parser()
+    _suppress_defaults(probe)
+    # names set by set_defaults (_target) are the parser's own, never typed
+    return frozenset(name for name in vars(probe.parse_args(argv)) if not name.startswith("_"))
+
+
+def _suppress_defaults(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:  # argparse has no public walk over a parser's options
+        choices = action.choices if isinstance(action.choices, dict) else {}
+        for subparser in choices.values():
+            if isinstance(subparser, argparse.ArgumentParser):
+                _suppress_defaults(subparser)
+        action.default = argparse.SUPPRESS
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``embseg`` console script; returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args._given = given_options(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before the command imports torch
     module_name, func_name = args._target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
