@@ -201,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a new run from this checkpoint's weights (fine-tuning) "
                         "(default: from --backbone-weights or scratch)")
     _add_bad_sample_option(p, "skip")
+    p.add_argument("--repeat-threshold", type=float, default=None, metavar="T",
+                   help="repeat-factor sampling (LVIS): an image whose rarest class is in a "
+                        "fraction f < T of the training images appears about sqrt(T / f) "
+                        "times per epoch (factors from manifest.parquet; LVIS uses 0.001) "
+                        "(default: off)")
     _add_progress_option(p)
 
     p = _command(sub, "eval", help="mIoU and per-class IoU of a checkpoint on shards",
