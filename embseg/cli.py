@@ -39,17 +39,26 @@ def build_parser() -> argparse.ArgumentParser:
     _command(p, "embseg.vocab:cli_vocab")
 
     p = sub.add_parser("build", help="build WebDataset shards (label maps painted on Ray)")
-    p.add_argument("--lvis", type=Path, required=True)
-    p.add_argument("--coco-stuff", type=Path, action="append", required=True)
+    p.add_argument("--lvis", type=Path, required=True,
+                   help="LVIS v1 annotation file: its images are the split's images")
+    p.add_argument("--coco-stuff", type=Path, action="append", required=True,
+                   help="COCO-Stuff annotation file adding stuff labels (repeatable)")
     p.add_argument("--images", type=Path, required=True, help="images root (holds train2017/ ...)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--split", default="train")
-    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--out", required=True,
+                   help="output folder, or an fsspec URL such as s3://bucket/prefix; on a Ray "
+                        "cluster a folder must be on a file system every node shares")
+    p.add_argument("--split", default="train",
+                   help="split name: shards are <split>-NNNNNN.tar; splits can share --out")
+    p.add_argument("--shard-size", type=int, default=1000,
+                   help="images per shard (and per Ray task); a changed image rebuilds its shard")
     p.add_argument("--workers", type=int, default=None, help="local Ray CPUs (default: all)")
     p.add_argument("--ray-address", default=None, help="existing Ray cluster to run on")
-    p.add_argument("--overlap", choices=["first", "smaller"], default="first")
-    p.add_argument("--allow-failures", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overlap", choices=["first", "smaller"], default="first",
+                   help="which of two overlapping LVIS instances gets a pixel: the first in "
+                        "file order, or the smaller")
+    p.add_argument("--allow-failures", action="store_true",
+                   help="exit 0 even when some images failed (they stay listed in the manifest)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     _command(p, "embseg.build:cli_build")
 
     p = sub.add_parser("synth", help="write the built-in synthetic dataset (real LVIS/COCO layout)")
