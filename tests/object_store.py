@@ -30,6 +30,7 @@ Imported by tests/conftest.py, like the Prefect fixtures.
 
 from __future__ import annotations
 
+import faulthandler
 import itertools
 import json
 import os
@@ -338,6 +339,7 @@ def _serve_forever(root: Path, port: int) -> None:
     httpd.daemon_threads = True
     httpd.root = Path(root).resolve()  # type: ignore[attr-defined]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID`: its threads' stacks on stderr
     httpd.serve_forever()
 
 

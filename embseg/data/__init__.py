@@ -49,6 +49,7 @@ from embseg.data.sources import (
     manifest_keys,
     read_num_classes,
     read_vocabulary,
+    shard_location,
     shard_source,
 )
 from embseg.data.streams import BAD_SAMPLE_POLICIES
@@ -67,5 +68,5 @@ __all__ = [
     "TrainBatch", "TrainBatches", "_export_loose_files", "augment", "decode_image",
     "decode_label", "eval_loader", "label_to_target", "list_shards", "loader_throughput",
     "manifest_keys", "normalize_image", "read_num_classes", "read_shard", "read_vocabulary",
-    "shard_source", "train_loader",
+    "shard_location", "shard_source", "train_loader",
 ]

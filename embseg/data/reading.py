@@ -90,6 +90,22 @@ def open_shard(url: str) -> Any:
     return gopen(url, "rb")
 
 
+def read_whole(url: str) -> bytes:
+    """All bytes of ``url`` through :func:`open_shard`; FileNotFoundError for an HTTP 404,
+    OSError with the reason in words for other failures."""
+    stream = open_shard(url)
+    try:
+        data = stream.read()
+        stream.close()
+    except Exception as exc:  # noqa: BLE001 - one line saying why
+        _abandon(stream)
+        reason = _reason(exc, url)
+        if "HTTP 404" in reason or "HTTP 410" in reason:
+            raise FileNotFoundError(reason) from None
+        raise OSError(reason) from None
+    return data
+
+
 class _ShardReading:
     """State of one shard's read: the stream, the member being read, the first problem."""
 

@@ -65,7 +65,7 @@ def url_scheme(location: str) -> str:
     return scheme.lower() if len(scheme) > 1 else ""
 
 
-def _is_local(location: str) -> bool:
+def is_local(location: str) -> bool:
     return url_scheme(location) in ("", "file")
 
 
@@ -167,6 +167,14 @@ def _one_folder(spec: str, locations: list[str]) -> str:
     return folders[0]
 
 
+def shard_location(spec: str | Path) -> str | Path:
+    """A ``--shards`` value as a Path when it is local (a folder, a local pattern), else as
+    the text of its URL or ``pipe:`` command (a Path would fold ``s3://`` into ``s3:/``)."""
+    if isinstance(spec, Path):
+        return spec
+    return Path(spec) if url_scheme(spec) == "" else spec
+
+
 def _kind(text: str) -> str:
     """``pipe``, ``pattern`` (braces, ``::`` or one .tar file) or ``folder``."""
     if url_scheme(text) == "pipe":
@@ -251,10 +259,20 @@ class BesideFileMissing(EmbsegError):
 
 
 def read_file(location: str) -> bytes:
-    """The bytes of a local file or of a URL (through fsspec); BesideFileMissing naming it."""
+    """The bytes of a local file or of a URL; BesideFileMissing naming it.
+
+    ``http(s)://`` is read as the shards are, through WebDataset's opener (curl), and the
+    object stores (``s3://``, ``gs://``, ...) through fsspec. (fsspec's own HTTP client keeps
+    an asyncio loop with pooled connections in this process; after DataLoader workers were
+    forked from it, a later request could wait out its 300 s timeout.)
+    """
     try:
-        if _is_local(location):
+        if is_local(location):
             return _local_path(location).read_bytes()
+        if url_scheme(location) in ("http", "https"):
+            from embseg.data.reading import read_whole
+
+            return read_whole(location)
         import fsspec
 
         with fsspec.open(location, "rb") as handle:
@@ -278,13 +296,17 @@ def read_beside(source: ShardSource, name: str) -> bytes:
 
 
 def read_vocabulary(spec: str | Path | ShardSource):
-    """The :class:`~embseg.vocab.Vocabulary` of ``classes.parquet`` beside the shards."""
+    """The :class:`~embseg.vocab.Vocabulary` of ``classes.parquet`` beside the shards (found
+    without listing them: a missing folder reports the missing vocabulary file first)."""
     from embseg.vocab import Vocabulary
 
-    source = shard_source(spec)
-    where = source.beside_file(CLASSES_FILE) or f"{source.spec}: {CLASSES_FILE}"
+    folder = spec.beside if isinstance(spec, ShardSource) else beside_folder(spec)
+    where = join(folder, CLASSES_FILE) if folder is not None else f"{spec}: {CLASSES_FILE}"
     try:
-        data = read_beside(source, CLASSES_FILE)
+        if folder is None:
+            raise BesideFileMissing(f"{spec}: no folder to read {CLASSES_FILE} from (a pipe: "
+                                    f"command that names no .tar file)")
+        data = read_file(where)
     except BesideFileMissing as exc:
         raise EmbsegError(f"{exc}: the shards have no vocabulary file, so their labels cannot "
                           f"be checked against the model's classes (build the shards with "

@@ -18,6 +18,7 @@ import torch
 import webdataset as wds
 
 from embseg.data.reading import BadItem, read_shard
+from embseg.sampling import repeat_samples
 
 BAD_SAMPLE_POLICIES = ("skip", "fail")
 
@@ -42,11 +43,14 @@ def key_number(key: str) -> int:
 
 def epoch_items(shards: Sequence[tuple[str, str]], expected: dict[str, list[str]], *,
                 stream: int, num_streams: int, epoch: int, seed: int, shuffle_buffer: int,
-                shuffle_shards: bool = True) -> Iterator[dict | BadItem]:
+                shuffle_shards: bool = True,
+                factors: dict[str, float] | None = None) -> Iterator[dict | BadItem]:
     """The items of one logical stream in one epoch, in their (seeded) training order.
 
     ``shards``: (url, name) of every shard in the source's order; ``expected``: the
-    manifest's keys by shard name (the shard-cut check; empty: none).
+    manifest's keys by shard name (the shard-cut check; empty: none). ``factors``
+    (repeat-factor sampling): each sample comes ``epoch_repeats`` times, the copies entering
+    the shuffle buffer one after another (it spreads them apart).
     """
     ordered = list(shards)
     if shuffle_shards:
@@ -63,11 +67,13 @@ def epoch_items(shards: Sequence[tuple[str, str]], expected: dict[str, list[str]
                     yield item
                 index += 1
 
+    # THE repeat-factor hook (embseg.sampling): the only place a sample's count is applied
+    items = repeat_samples(raw(), factors, seed=seed, epoch=epoch)
     if shuffle_buffer <= 1:
-        yield from raw()
+        yield from items
         return
     rng = random.Random(int(seed_sequence(seed, epoch, stream, 0x5F1).generate_state(1)[0]))
-    yield from wds.filters.shuffle(bufsize=shuffle_buffer, initial=shuffle_buffer, rng=rng)(raw())
+    yield from wds.filters.shuffle(bufsize=shuffle_buffer, initial=shuffle_buffer, rng=rng)(items)
 
 
 def stack(tensors: list[torch.Tensor]) -> torch.Tensor:

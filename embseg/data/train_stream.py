@@ -24,9 +24,17 @@ import torch
 
 from embseg.data.decode import augmented_tensors, decode_sample
 from embseg.data.reading import BadItem
-from embseg.data.sources import ShardSource, manifest_keys, shard_source
+from embseg.data.sources import (
+    MANIFEST_FILE,
+    ShardSource,
+    is_local,
+    manifest_keys,
+    read_beside,
+    shard_source,
+)
 from embseg.data.streams import check_policy, epoch_items, key_number, seed_sequence, stack
 from embseg.errors import EmbsegError
+from embseg.sampling import REPEAT_INDEX, describe_factors, repeat_factors
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +84,7 @@ class TrainLoaderSpec:
     shuffle_buffer: int
     on_bad_sample: str
     expected_keys: dict[str, list[str]]
+    repeat_factors: dict[str, float] | None = None  # key -> factor (repeat-factor sampling)
 
 
 class _TrainStreams(torch.utils.data.IterableDataset):
@@ -104,7 +113,8 @@ class _TrainStreams(torch.utils.data.IterableDataset):
             position, good_in_epoch = 0, 0
             for item in epoch_items(spec.shards, spec.expected_keys, stream=stream,
                                     num_streams=spec.num_streams, epoch=epoch, seed=spec.seed,
-                                    shuffle_buffer=spec.shuffle_buffer):
+                                    shuffle_buffer=spec.shuffle_buffer,
+                                    factors=spec.repeat_factors):
                 position += 1
                 if position <= skip:
                     good_in_epoch += not isinstance(item, BadItem)
@@ -140,8 +150,11 @@ class _TrainStreams(torch.utils.data.IterableDataset):
 
     def _prepare(self, sample: dict[str, Any], epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, label = decode_sample(sample, self.spec.num_classes)
+        # a repeated sample's later copies get augmentations of their own
+        copy = sample.get(REPEAT_INDEX, 0)
         rng = np.random.default_rng(seed_sequence(self.spec.seed, epoch,
-                                                  key_number(sample["__key__"]), 0xA06))
+                                                  key_number(sample["__key__"]), 0xA06,
+                                                  *([copy] if copy else [])))
         return augmented_tensors(image, label, crop_size=self.spec.crop_size, rng=rng)
 
 
@@ -206,17 +219,38 @@ class TrainBatches:
             shutdown()
 
 
+def _planned_repeats(source: ShardSource, threshold: float | None) -> dict[str, float] | None:
+    """Repeat factors by key from the manifest beside the shards (None: sampling off)."""
+    if threshold is None:
+        return None
+    location = source.beside_file(MANIFEST_FILE) or f"{source.spec}: {MANIFEST_FILE}"
+    if is_local(location):
+        factors = repeat_factors(Path(location), threshold)
+    else:
+        try:
+            data = read_beside(source, MANIFEST_FILE)
+        except EmbsegError as exc:
+            raise EmbsegError(f"{exc}; repeat-factor sampling plans from its per-image class "
+                              f"lists") from None
+        factors = repeat_factors(location, threshold, data=data)
+    log.info("%s: %s", source.spec, describe_factors(factors, threshold))
+    return factors
+
+
 def train_loader(shards: str | Path | ShardSource, *, num_classes: int, batch_size: int,
                  crop_size: int, seed: int = 0, num_workers: int = 2, shuffle_buffer: int = 256,
                  on_bad_sample: str = "skip", state: LoaderState | None = None,
-                 start_step: int = 0, pin_memory: bool = False) -> TrainBatches:
+                 start_step: int = 0, pin_memory: bool = False,
+                 repeat_threshold: float | None = None) -> TrainBatches:
     """Endless augmented training batches from ``shards`` (a ``--shards`` value: a folder,
     pattern, URL or ``pipe:`` command; see :mod:`embseg.data.sources`).
 
     The batches are a deterministic function of (shards, seed, batch_size, crop_size,
-    num_workers, shuffle_buffer): resuming with the ``state`` saved after step ``start_step``
-    continues exactly as the uninterrupted loader would have. ``num_workers`` DataLoader
-    workers (0: in-process) each serve one stream; a resumed loader must use the same number.
+    num_workers, shuffle_buffer, repeat_threshold): resuming with the ``state`` saved after
+    step ``start_step`` continues exactly as the uninterrupted loader would have.
+    ``num_workers`` DataLoader workers (0: in-process) each serve one stream; a resumed loader
+    must use the same number. ``repeat_threshold``: repeat-factor sampling with that ``t``
+    (:mod:`embseg.sampling`; factors from ``manifest.parquet``), off when None.
     """
     check_policy(on_bad_sample)
     num_streams = max(1, num_workers)
@@ -230,7 +264,8 @@ def train_loader(shards: str | Path | ShardSource, *, num_classes: int, batch_si
     spec = TrainLoaderSpec(shards=tuple(zip(source.urls, source.names, strict=True)),
                            num_classes=num_classes, batch_size=batch_size, crop_size=crop_size,
                            seed=seed, num_streams=num_streams, shuffle_buffer=shuffle_buffer,
-                           on_bad_sample=on_bad_sample, expected_keys=manifest_keys(source))
+                           on_bad_sample=on_bad_sample, expected_keys=manifest_keys(source),
+                           repeat_factors=_planned_repeats(source, repeat_threshold))
     return TrainBatches(spec, state, start_step=start_step, num_workers=num_workers,
                         pin_memory=pin_memory)
 
