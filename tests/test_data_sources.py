@@ -104,6 +104,20 @@ def test_forms_of_shards_and_what_beside_means(local, tmp_path):
     assert manifest_keys(pattern)["train-000001.tar"] == KEYS[3:6]
 
 
+def test_object_store_without_its_fsspec_implementation_is_one_clear_error():
+    pytest.importorskip("fsspec")
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("gcsfs is installed: gs:// is readable here")
+    for spec in ("gs://bucket/shards/train", "gs://bucket/p/train-{000000..000003}.tar"):
+        with pytest.raises(EmbsegError, match=r"^gs://bucket/.*: cannot read gs:// URLs .*"
+                                              r"pip install 'embseg\[s3\]' .*'embseg\[gcs\]'"):
+            shard_source(spec)
+
+
 def test_pipe_pattern_and_folder_give_the_same_batches(local):
     reference = _train_batches(local)
     _same_batches(_train_batches(f"pipe:cat {local}/train-{{000000..000002}}.tar"), reference)

@@ -127,6 +127,18 @@ def list_shards(directory: Path) -> list[Path]:
     return shards
 
 
+def _check_fsspec_scheme(scheme: str, spec: str) -> None:
+    """EmbsegError naming the spec when fsspec has no usable implementation of ``scheme``."""
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError) as exc:
+        raise EmbsegError(f"{spec}: cannot read {scheme}:// URLs ({_one_line(exc)}); install "
+                          f"its fsspec implementation (pip install 'embseg[s3]' for s3://, "
+                          f"'embseg[gcs]' for gs://)") from None
+
+
 def _list_remote_folder(folder: str) -> list[str]:
     """Shard URLs of an object-store folder (fsspec listing), sorted by name."""
     import fsspec.core
@@ -136,9 +148,9 @@ def _list_remote_folder(folder: str) -> list[str]:
         entries = fs.ls(path, detail=True)
     except FileNotFoundError:
         raise EmbsegError(f"{folder}: shard folder does not exist") from None
-    except ImportError as exc:
-        raise EmbsegError(f"{folder}: cannot read this URL scheme ({exc}); install its fsspec "
-                          f"implementation (pip install 'embseg[s3]' or 'embseg[gcs]')") from None
+    except ImportError:
+        _check_fsspec_scheme(url_scheme(folder), folder)
+        raise
     except Exception as exc:  # noqa: BLE001 - network, permissions: one line naming the URL
         raise EmbsegError(f"{folder}: cannot list the shard folder ({_one_line(exc)})") from None
     names = sorted(_name_of(e["name"]) for e in entries if e.get("type") != "directory")
@@ -236,6 +248,8 @@ def shard_source(spec: str | Path | ShardSource) -> ShardSource:
         return ShardSource(text, tuple(commands), names, beside)
     if kind == "pattern":
         urls = _expanded(text)
+        for scheme in sorted({url_scheme(u) for u in urls} - {"", "file", "http", "https"}):
+            _check_fsspec_scheme(scheme, text)
         return ShardSource(text, tuple(urls), tuple(_name_of(u) for u in urls), beside)
     assert beside is not None
     scheme = url_scheme(text)
