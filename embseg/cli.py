@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write the JSON results (default: OUT/bench.json)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"),
                    help="folder for bench.json, bench.md and memory_vs_classes.png")
-    p.add_argument("--parts", default="memory,loss,build,loader",
+    p.add_argument("--parts", default="memory,loss,search,build,loader",
                    help="comma-separated parts to run")
     p.add_argument("--shards", type=Path, default=None,
                    help="the loader part reads these shards (your own data) instead of the "

@@ -13,14 +13,15 @@ from typing import Any
 
 from embseg.bench.core import Part
 
-PART_MODULES = ("memory", "loss", "build", "loader")
+PART_MODULES = ("memory", "loss", "search", "build", "loader")
 """The parts, in the order a run runs them and its report lists them."""
 
 REGISTRY: dict[str, Part] = {name: import_module(f"embseg.bench.{name}").PART
                              for name in PART_MODULES}
 
 PARTS = tuple(REGISTRY)
-"""The parts of a run: training step (with the step-time pair), loss alone, build, loader."""
+"""The parts of a run: training step (with the step-time pair), loss alone, the loss's
+nearest-class search against faiss, build, loader."""
 
 
 def point_kinds() -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
