@@ -68,13 +68,14 @@ def _add_bad_sample_option(parser: argparse.ArgumentParser, default: str) -> Non
                              "logged with its shard and key) or stop with a one-line error")
 
 
-def _add_annotation_options(parser: argparse.ArgumentParser, *, out_help: str) -> None:
+def _add_annotation_options(parser: argparse.ArgumentParser, *, out_help: str,
+                            out_type: type = Path) -> None:
     parser.add_argument("--lvis", type=Path, required=True,
                         help="LVIS v1 annotation file (lvis_v1_train.json / lvis_v1_val.json)")
     parser.add_argument("--coco-stuff", type=Path, action="append", required=True,
                         help="COCO-Stuff annotation file (stuff_train2017.json ...); repeat "
                              "the option for several files")
-    parser.add_argument("--out", type=Path, required=True, help=out_help)
+    parser.add_argument("--out", type=out_type, required=True, help=out_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,8 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "build", help="build WebDataset shards (label maps painted on Ray)",
                  target="embseg.build:cli_build")
-    _add_annotation_options(p, out_help="shard folder of this split (e.g. shards/train): "
-                                        "*-NNNNNN.tar, classes.parquet, manifest.parquet")
+    _add_annotation_options(p, out_type=str,
+                            out_help="shard folder of this split (e.g. shards/train): "
+                                     "*-NNNNNN.tar, classes.parquet, manifest.parquet; or an "
+                                     "fsspec URL such as s3://bucket/prefix. On a Ray cluster "
+                                     "a folder must be on a file system every node shares")
     p.add_argument("--images", type=Path, required=True,
                    help="images root: the folder holding train2017/, val2017/ (the paths "
                         "of the annotations' coco_url / file_name are resolved under it)")
