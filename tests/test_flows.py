@@ -272,6 +272,22 @@ def test_train_flow_parameters_are_the_train_config_fields():
     assert differing == {"no_progress"}  # no progress bars in Prefect's logs
 
 
+def test_repeat_factors_of_built_shards_come_from_their_samples_class_lists(built):
+    """The manifest's class lists (what repeat-factor sampling plans from) are the classes of
+    the label maps the build wrote: factors from the shards' own sample metadata agree."""
+    from embseg.data import list_shards, read_shard
+    from embseg.sampling import class_image_fractions, repeat_factors
+
+    samples = {item["__key__"]: json.loads(item["json"])["classes"]
+               for shard in list_shards(built / "train") for item in read_shard(shard)}
+    fractions = class_image_fractions(list(samples.values()))
+    want = {key: max([max(1.0, math.sqrt(0.3 / fractions[c])) for c in classes], default=1.0)
+            for key, classes in samples.items()}
+    got = repeat_factors(built / "train" / "manifest.parquet", 0.3)
+    assert got.keys() == want.keys() and max(got.values()) > 1
+    assert [got[k] for k in want] == pytest.approx([want[k] for k in want])
+
+
 def test_train_flow_takes_a_recipe_file(built, prefect_server, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("steps: 2\nk: 3\nembed_dim: 16\nbatch_size: 4\n")
