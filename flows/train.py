@@ -3,8 +3,8 @@
 The flow's parameters are the fields of :class:`embseg.train.TrainConfig` (one per
 ``embseg train`` option) and ``config``, a recipe file (``configs/*.yaml``): a parameter left
 at None comes from the recipe, else the trainer's default. ``resume`` is not a parameter; the
-flow decides it: when the run folder
-``out`` already holds ``last.pt`` (or its kept previous version), training continues from it.
+flow decides it: when the run folder ``out`` already holds ``last.pt`` (or its kept previous
+version), training continues from it.
 So a retried task, a retried flow run or the same flow started again with the same ``out``
 resume from the last checkpoint, never from step 0.
 
