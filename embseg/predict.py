@@ -95,8 +95,8 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
-def legend_rows(prediction: np.ndarray, truth: np.ndarray | None, names: list[str], *,
-                limit: int = LEGEND_CLASSES) -> list[dict[str, Any]]:
+def legend_rows(prediction: np.ndarray, truth: np.ndarray | None,
+                names: list[str]) -> list[dict[str, Any]]:
     """The classes a picture shows, largest first (by the larger of its two pixel shares).
 
     One dict per class: ``id``, ``name``, ``predicted`` and ``truth`` (fractions of the image;
@@ -111,14 +111,17 @@ def legend_rows(prediction: np.ndarray, truth: np.ndarray | None, names: list[st
     return [{"id": c, "name": (predicted.get(c) or actual[c])["name"],
              "predicted": predicted.get(c, {}).get("fraction", 0.0),
              "truth": actual.get(c, {}).get("fraction", 0.0) if truth is not None else None}
-            for c in ids[:limit]]
+            for c in ids]
 
 
 def draw_legend(rows: list[dict[str, Any]], *, width: int, title: str | None = None,
-                font_size: int = FONT_SIZE) -> np.ndarray:
+                font_size: int = FONT_SIZE, limit: int = LEGEND_CLASSES) -> np.ndarray:
     """RGB legend (white background) ``width`` px wide: a colour patch per class, its name,
-    id and pixel shares, in as many columns as fit."""
+    id and pixel shares, in as many columns as fit; the first ``limit`` rows, then a line
+    saying how many more classes the picture has."""
     font = _font(font_size)
+    more = len(rows) - limit
+    rows = rows[:limit]
     line = font_size + 8
     labels = [f"{row['name']} ({row['id']}): "
               + (f"truth {100 * row['truth']:.1f}%, " if row["truth"] is not None else "")
@@ -127,7 +130,7 @@ def draw_legend(rows: list[dict[str, Any]], *, width: int, title: str | None = N
     column = max([int(font.getlength(text)) for text in labels] + [100]) + patch + 3 * MARGIN
     columns = max(1, (width - MARGIN) // column)
     header = line if title else 0
-    height = header + line * math.ceil(len(rows) / columns) + MARGIN
+    height = header + line * (math.ceil(len(rows) / columns) + (more > 0)) + MARGIN
     legend = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(legend)
     if title:
@@ -138,6 +141,9 @@ def draw_legend(rows: list[dict[str, Any]], *, width: int, title: str | None = N
         colour = tuple(int(v) for v in palette(np.array([row["id"]]))[0])
         draw.rectangle([x, y, x + patch - 1, y + patch - 1], fill=colour, outline=(0, 0, 0))
         draw.text((x + patch + MARGIN // 2, y - 2), text, fill=(0, 0, 0), font=font)
+    if more > 0:
+        draw.text((MARGIN, height - MARGIN - line + 2), f"... and {more} more classes, each "
+                  f"smaller (all in predictions.json)", fill=(90, 90, 90), font=font)
     return np.asarray(legend)
 
 
