@@ -149,8 +149,9 @@ def draw_legend(rows: list[dict[str, Any]], *, width: int, title: str | None = N
 
 @dataclass(frozen=True)
 class Triptych:
-    """A side-by-side picture and where its panels are: name -> (x0, y0, x1, y1), x1/y1
-    exclusive. ``scale`` is the integer upscaling factor of the panels."""
+    """A side-by-side picture and where its parts are: ``panels`` maps a panel's name to its
+    box (x0, y0, x1, y1; x1/y1 exclusive), ``scale`` is the panels' integer upscaling factor
+    and ``legend_top`` the row where the legend starts."""
 
     picture: np.ndarray
     panels: dict[str, tuple[int, int, int, int]]
