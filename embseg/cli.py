@@ -234,7 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       "truth | prediction) with legends",
                  target="embseg.predict:cli_predict")
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint to predict with")
-    p.add_argument("images", type=Path, nargs="+", help="image files (JPEG, PNG, ...)")
+    p.add_argument("images", type=Path, nargs="*",
+                   help="image files (JPEG, PNG, ...); or give --shards instead")
+    p.add_argument("--shards", type=Path, default=None,
+                   help="predict on the first --count samples of this shard folder, with "
+                        "their ground truth in the pictures (default: the image files given)")
+    p.add_argument("--count", type=int, default=4, help="samples to predict with --shards")
     p.add_argument("--out", type=Path, required=True,
                    help="folder for the pictures and predictions.json")
     _add_device_option(p)
