@@ -124,9 +124,10 @@ class Vocabulary:
         """Class ids per evaluation group.
 
         When any class names its ``group`` (the other datasets' tables), the groups are those
-        names in order of first appearance, and a class without one is in no group. Otherwise
-        (LVIS): ``rare``/``common``/``frequent`` and ``stuff``, always all four; a ``both`` class
-        counts in its LVIS frequency group, an LVIS class without a frequency is in no group.
+        names in order of first appearance, and a class without one is in no group. Otherwise an
+        LVIS vocabulary has ``rare``/``common``/``frequent`` and ``stuff``, always all four (a
+        ``both`` class counts in its LVIS frequency group, an LVIS class without a frequency is
+        in no group), and any other (e.g. a generic label map's) has none.
         """
         if any(cls.group is not None for cls in self.classes):
             named: dict[str, list[int]] = {}
@@ -134,6 +135,8 @@ class Vocabulary:
                 if cls.group is not None:
                     named.setdefault(cls.group, []).append(cls.id)
             return named
+        if any(cls.source not in LVIS_SOURCES for cls in self.classes):
+            return {}
         groups: dict[str, list[int]] = {name: [] for name in GROUP_NAMES}
         for cls in self.classes:
             if cls.source == "coco_stuff":

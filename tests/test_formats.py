@@ -8,6 +8,7 @@ value mapping is checked pixel by pixel against an independent mapping of the ra
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -477,3 +478,43 @@ def test_list_files_depth_and_companions(tmp_path):
     (tmp_path / "a" / ".hidden").write_bytes(b"")
     listing = list_files(tmp_path, tmp_path, "_x.png", depth=1, companions=("_y.png",))
     assert listing.found == {"k": "a/k_x.png"} and listing.unexpected == ["top_x.png"]
+
+
+def test_checkpoint_record_keeps_groups_and_reads_old_records():
+    from embseg.checkpoint import vocabulary_from_record, vocabulary_record
+
+    vocab = coco_stuff_maps.vocabulary()
+    record = vocabulary_record(vocab)
+    assert vocabulary_from_record(record) == vocab
+    old = {k: v for k, v in record.items() if k not in ("group", "source_id")}
+    again = vocabulary_from_record(old)
+    assert again.content_hash() == vocab.content_hash() and again.groups() != vocab.groups()
+
+
+def test_evaluation_reports_the_datasets_own_groups(tmp_path):
+    import torch
+
+    from embseg.evaluate import build_report
+    from embseg.metrics import SegmentationMetrics
+
+    vocab = cityscapes.vocabulary()
+    metrics = SegmentationMetrics(vocab.num_classes)
+    target = torch.tensor([[0, 0, 1, 13], [13, 18, 18, 2]])  # road, sidewalk, car, bicycle, ...
+    prediction = torch.tensor([[0, 1, 1, 13], [13, 18, 0, 2]])
+    metrics.update(prediction, target)
+    report = build_report(metrics.compute(vocab.groups()), vocab, n_images=1, n_bad_samples=0,
+                          shards="x")
+    assert list(report.group_miou) == ["flat", "construction", "object", "nature", "sky",
+                                       "human", "vehicle"]
+    road = 1 / 3  # target {(0,0),(0,1)}, predicted {(0,0),(1,2)}: 1 hit, union 3
+    sidewalk = 1 / 2  # target {(0,2)}, predicted {(0,1),(0,2)}
+    assert report.group_miou["flat"] == pytest.approx((road + sidewalk) / 2)
+    assert report.per_class[0]["group"] == "flat"
+    markdown = report.to_markdown()
+    assert "| flat |" in markdown and "| vehicle |" in markdown and "rare" not in markdown
+    no_groups = Vocabulary(classes=tuple(dataclasses.replace(c, source="labelmap", group=None)
+                                         for c in vocab.classes))
+    assert no_groups.groups() == {}  # a generic label map: no groups, no group table
+    report = build_report(metrics.compute(no_groups.groups()), no_groups, n_images=1,
+                          n_bad_samples=0, shards="x")
+    assert report.group_miou == {} and "| group |" not in report.to_markdown()
