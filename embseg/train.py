@@ -59,11 +59,12 @@ POLY_POWER = 0.9
 RUN_DEFINING_FIELDS = ("head", "backbone", "output_stride", "embed_dim", "k", "temperature",
                        "margin", "batch_size", "crop_size", "lr", "num_workers", "seed",
                        "shuffle_buffer", "embed_bn", "dropout", "backbone_lr_mult",
-                       "class_lr_mult")
+                       "class_lr_mult", "repeat_threshold")
 """Settings a resumed run must share with the checkpoint (they shape the model or the data)."""
 
 SETTINGS_BEFORE_THEY_WERE_OPTIONS = {"embed_bn": False, "dropout": 0.5,
-                                     "backbone_lr_mult": 0.1, "class_lr_mult": 1.0}
+                                     "backbone_lr_mult": 0.1, "class_lr_mult": 1.0,
+                                     "repeat_threshold": None}
 """What runs whose checkpoints predate these options did (a resume compares against it)."""
 
 
@@ -99,6 +100,7 @@ class TrainConfig:
     on_bad_sample: str = "skip"
     no_progress: bool = False
     shuffle_buffer: int = 256
+    repeat_threshold: float | None = None  # repeat-factor sampling's t (embseg.sampling); off
     eval_batch_size: int = 4
     init_checkpoint: Path | None = None  # fine-tuning: a new run starts from these weights
 
@@ -121,7 +123,8 @@ class TrainConfig:
                  "num_workers": self.num_workers >= 0, "checkpoint_every": self.checkpoint_every >= 1,
                  "eval_every": self.eval_every is None or self.eval_every >= 1,
                  "on_bad_sample": self.on_bad_sample in BAD_SAMPLE_POLICIES,
-                 "shuffle_buffer": self.shuffle_buffer >= 0}
+                 "shuffle_buffer": self.shuffle_buffer >= 0,
+                 "repeat_threshold": self.repeat_threshold is None or self.repeat_threshold > 0}
         for name, ok in rules.items():
             if not ok:
                 raise EmbsegError(f"train setting {name}={getattr(self, name)!r} is out of range")
@@ -364,7 +367,8 @@ def _start(config: TrainConfig, device: torch.device) -> _Session:
                            seed=config.seed, num_workers=config.num_workers,
                            shuffle_buffer=config.shuffle_buffer,
                            on_bad_sample=config.on_bad_sample, state=state.loader_state,
-                           start_step=state.step, pin_memory=device.type == "cuda")
+                           start_step=state.step, pin_memory=device.type == "cuda",
+                           repeat_threshold=config.repeat_threshold)
     return _Session(config=config, vocab=vocab, device=device, model=model,
                     optimizer=optimizer, scheduler=scheduler, state=state, batches=batches,
                     metrics_log=metrics_log)

@@ -181,13 +181,15 @@ def pipeline(
     lr: float = 0.3,
     num_workers: int = 1,
     device: str = "cpu",
+    repeat_threshold: float | None = None,
     train_options: dict[str, Any] | None = None,
     predict_count: int = 4,
 ) -> dict[str, Any]:
     """Run the whole pipeline; defaults are the demo configuration (synthetic data, CPU).
 
     Real data: give ``lvis_train``, ``lvis_val``, ``coco_stuff_train``, ``coco_stuff_val`` and
-    ``images`` (the folder holding ``train2017/`` and ``val2017/``). ``train_options``: further
+    ``images`` (the folder holding ``train2017/`` and ``val2017/``). ``repeat_threshold``:
+    repeat-factor sampling in training (t; off when None). ``train_options``: further
     ``train`` flow parameters (e.g. ``{"backbone": "resnet50", "output_stride": 8}``).
     """
     sources = _data_sources(lvis_train=lvis_train, coco_stuff_train=coco_stuff_train,
@@ -210,7 +212,7 @@ def pipeline(
     options = {"head": head, "embed_dim": embed_dim, "k": k, "steps": steps,
                "batch_size": batch_size, "crop_size": crop_size, "lr": lr,
                "num_workers": num_workers, "device": device, "seed": seed,
-               **(train_options or {})}
+               "repeat_threshold": repeat_threshold, **(train_options or {})}
     trained = train_flow(shards=train_shards, val_shards=val_shards, out=run_dir, **options)
     evaluation = evaluate_flow(checkpoint=Path(trained["checkpoint"]), shards=val_shards,
                                out=run_dir / "eval-val", device=device)

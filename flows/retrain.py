@@ -103,11 +103,13 @@ def retrain(
     crop_size: int = 256,
     lr: float = 0.01,
     device: str = "cpu",
+    repeat_threshold: float | None = None,
     train_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Rebuild, train, evaluate and maybe promote; returns the decision and both scores.
 
     ``splits`` as for ``dataset-rebuild`` (must include ``train_split`` and ``val_split``);
+    ``repeat_threshold``: repeat-factor sampling in training (t; off when None).
     ``train_options``: further ``train`` flow parameters (e.g. ``{"head": "softmax"}``).
     ``fine_tune=False`` trains from scratch (``backbone_weights`` in ``train_options`` still
     apply).
@@ -126,7 +128,7 @@ def retrain(
         notes.append("no compatible current model: trained from scratch")
     run_dir = Path(runs) / f"retrain-{flow_run_label()}"
     options = {"steps": steps, "batch_size": batch_size, "crop_size": crop_size, "lr": lr,
-               "device": device, **(train_options or {})}
+               "device": device, "repeat_threshold": repeat_threshold, **(train_options or {})}
     trained = train_flow(shards=train_shards, val_shards=val_shards, out=run_dir,
                          init_checkpoint=init, **options)
     new_eval = evaluate_flow(checkpoint=Path(trained["checkpoint"]), shards=val_shards,

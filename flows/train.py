@@ -130,13 +130,15 @@ def train_flow(
     on_bad_sample: str = "skip",
     no_progress: bool = True,
     shuffle_buffer: int = 256,
+    repeat_threshold: float | None = None,
     eval_batch_size: int = 4,
     init_checkpoint: Path | None = None,
 ) -> dict[str, Any]:
     """Train a model on ``shards`` into the run folder ``out`` (see ``embseg train --help``).
 
     ``init_checkpoint`` starts a new run from a checkpoint's weights (fine-tuning); a run that
-    already has a checkpoint in ``out`` resumes from it instead.
+    already has a checkpoint in ``out`` resumes from it instead. ``repeat_threshold``:
+    repeat-factor sampling with that t (LVIS uses 0.001), off when None.
     """
     params = dict(locals())
     config = TrainConfig(resume=False, **params)
