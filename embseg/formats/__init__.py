@@ -17,16 +17,21 @@ they share, including the per-item work (:func:`~embseg.formats.core.process_pai
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from embseg.errors import EmbsegError
-from embseg.formats import ade20k, cityscapes, coco_stuff_maps, labelmap, voc
-from embseg.formats.core import LabelMapDataset, PairItem, ValueMap, process_pair
+
+if TYPE_CHECKING:
+    from embseg.formats.core import LabelMapDataset
 
 LVIS = "lvis"
-_SPLIT_FORMATS = {ade20k.NAME: ade20k, cityscapes.NAME: cityscapes, voc.NAME: voc,
-                  coco_stuff_maps.NAME: coco_stuff_maps}
-FORMAT_NAMES = (LVIS, *_SPLIT_FORMATS, labelmap.NAME)
+# format name -> its module (imported when used: the CLI reads the names without numpy/PIL)
+MODULES = {"ade20k": "embseg.formats.ade20k", "cityscapes": "embseg.formats.cityscapes",
+           "voc": "embseg.formats.voc", "coco-stuff-maps": "embseg.formats.coco_stuff_maps",
+           "labelmap": "embseg.formats.labelmap"}
+FORMAT_NAMES = (LVIS, *MODULES)
 
 
 def open_dataset(format: str, *, images: Path, split: str, labels: Path | None = None,
@@ -37,20 +42,21 @@ def open_dataset(format: str, *, images: Path, split: str, labels: Path | None =
     unusable: an unknown format or split, a missing folder, a broken split or class list.
     Per-item problems are in the items' ``failure``.
     """
+    if format not in MODULES:
+        raise EmbsegError(f"--format {format!r}: choose one of {', '.join(FORMAT_NAMES)}"
+                          + (" (lvis is the annotation-file build of embseg.build)"
+                             if format == LVIS else ""))
+    module = importlib.import_module(MODULES[format])
     images = Path(images)
-    if format == labelmap.NAME:
-        return labelmap.open_split(images, split, labels=labels, classes=classes,
-                                   unlabelled=unlabelled)
+    if format == "labelmap":
+        return module.open_split(images, split, labels=labels, classes=classes,
+                                 unlabelled=unlabelled)
     if labels is not None or classes is not None or unlabelled is not None:
         raise EmbsegError(f"--labels, --classes and --unlabelled are for --format labelmap, "
                           f"not {format}")
-    module = _SPLIT_FORMATS.get(format)
-    if module is None:
-        raise EmbsegError(f"--format {format!r}: choose one of {', '.join(FORMAT_NAMES)}")
     if not images.is_dir():
         raise EmbsegError(f"{images}: dataset root folder not found")
     return module.open_split(images, split)
 
 
-__all__ = ["FORMAT_NAMES", "LVIS", "LabelMapDataset", "PairItem", "ValueMap", "open_dataset",
-           "process_pair"]
+__all__ = ["FORMAT_NAMES", "LVIS", "MODULES", "open_dataset"]
