@@ -68,13 +68,14 @@ def _add_bad_sample_option(parser: argparse.ArgumentParser, default: str) -> Non
                              "logged with its shard and key) or stop with a one-line error")
 
 
-def _add_annotation_options(parser: argparse.ArgumentParser, *, out_help: str) -> None:
+def _add_annotation_options(parser: argparse.ArgumentParser, *, out_help: str,
+                            out_type: type = Path) -> None:
     parser.add_argument("--lvis", type=Path, required=True,
                         help="LVIS v1 annotation file (lvis_v1_train.json / lvis_v1_val.json)")
     parser.add_argument("--coco-stuff", type=Path, action="append", required=True,
                         help="COCO-Stuff annotation file (stuff_train2017.json ...); repeat "
                              "the option for several files")
-    parser.add_argument("--out", type=Path, required=True, help=out_help)
+    parser.add_argument("--out", type=out_type, required=True, help=out_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,8 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "build", help="build WebDataset shards (label maps painted on Ray)",
                  target="embseg.build:cli_build")
-    _add_annotation_options(p, out_help="shard folder of this split (e.g. shards/train): "
-                                        "*-NNNNNN.tar, classes.parquet, manifest.parquet")
+    _add_annotation_options(p, out_type=str,
+                            out_help="shard folder of this split (e.g. shards/train): "
+                                     "*-NNNNNN.tar, classes.parquet, manifest.parquet; or an "
+                                     "fsspec URL such as s3://bucket/prefix. On a Ray cluster "
+                                     "a folder must be on a file system every node shares")
     p.add_argument("--images", type=Path, required=True,
                    help="images root: the folder holding train2017/, val2017/ (the paths "
                         "of the annotations' coco_url / file_name are resolved under it)")
@@ -135,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "train", help="train DeepLabV3+ with the embedding (ESS) or softmax head",
                  target="embseg.train:cli_train")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="recipe file (YAML, e.g. configs/paper-lvis-coco.yaml) of training "
+                        "settings; options typed on the command line override it "
+                        "(default: none, the defaults below)")
     p.add_argument("--shards", type=Path, required=True,
                    help="training shard folder (from embseg build)")
     p.add_argument("--out", type=Path, required=True,
@@ -263,9 +271,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def given_options(argv: Sequence[str]) -> frozenset[str]:
+    """Destinations of the options the command line ``argv`` gives itself (not defaults).
+
+    Parsed a second time by a parser whose defaults are all suppressed, so an option left out
+    leaves no attribute; ``embseg train --config`` lets exactly these override its file.
+    """
+    probe = build_parser()
+    _suppress_defaults(probe)
+    # names set by set_defaults (_target) are the parser's own, never typed
+    return frozenset(name for name in vars(probe.parse_args(argv)) if not name.startswith("_"))
+
+
+def _suppress_defaults(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:  # argparse has no public walk over a parser's options
+        choices = action.choices if isinstance(action.choices, dict) else {}
+        for subparser in choices.values():
+            if isinstance(subparser, argparse.ArgumentParser):
+                _suppress_defaults(subparser)
+        action.default = argparse.SUPPRESS
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``embseg`` console script; returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args._given = given_options(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before the command imports torch
     module_name, func_name = args._target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)

@@ -27,7 +27,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,12 +103,6 @@ class TrainConfig:
     repeat_threshold: float | None = None  # repeat-factor sampling's t (embseg.sampling); off
     eval_batch_size: int = 4
     init_checkpoint: Path | None = None  # fine-tuning: a new run starts from these weights
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
-        """The config of parsed ``embseg train`` options (unknown attributes ignored)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in vars(args).items() if k in names})
 
     def to_record(self) -> dict[str, Any]:
         """Plain values (paths as strings) for checkpoints and logs."""
@@ -417,7 +411,9 @@ def train(config: TrainConfig) -> TrainResult:
 
 def cli_train(args: argparse.Namespace) -> int:
     """``embseg train``: run training and print where the checkpoints and metrics are."""
-    config = TrainConfig.from_args(args)
+    from embseg.recipes import config_from_args
+
+    config = config_from_args(args)
     print(f"training run in {config.out} (metrics: {Path(config.out) / 'metrics.jsonl'})",
           flush=True)
     result = train(config)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from embseg.errors import EmbsegError
-from embseg.fileio import write_atomically
+from embseg.fileio import write_bytes_atomically
 
 STUFF_FIRST_ID = 92
 STUFF_LAST_ID = 182
@@ -157,10 +157,13 @@ class Vocabulary:
 
     def write_parquet(self, path: Path) -> None:
         """Write ``classes.parquet`` atomically (temporary file in the same folder, then rename)."""
+        write_bytes_atomically(Path(path), self.parquet_bytes())
+
+    def parquet_bytes(self) -> bytes:
+        """The bytes of ``classes.parquet`` (same vocabulary -> same bytes)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        path = Path(path)
         table = pa.table(
             {
                 "id": pa.array([c.id for c in self.classes], pa.int32()),
@@ -178,7 +181,9 @@ class Vocabulary:
         table = table.replace_schema_metadata(
             {_OTHER_IDS_KEY: json.dumps(list(self.stuff_other_ids)).encode()}
         )
-        write_atomically(path, lambda tmp: pq.write_table(table, tmp))
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer)
+        return buffer.getvalue().to_pybytes()
 
     @classmethod
     def read_parquet(cls, path: Path) -> Vocabulary:

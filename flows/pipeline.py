@@ -15,6 +15,7 @@ same configuration on a worker.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import sys
@@ -29,6 +30,7 @@ from prefect.cache_policies import NO_CACHE
 
 from embseg.errors import EmbsegError
 from embseg.predict import predict_images
+from embseg.recipes import read_recipe
 from embseg.synth import SynthDataset, generate_synthetic
 from flows._common import flow_run_label
 from flows.evaluate import evaluate_flow
@@ -148,6 +150,30 @@ def summary_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+DEMO_TRAINING = ("head", "embed_dim", "k", "steps", "batch_size", "crop_size", "lr",
+                 "num_workers")
+"""The pipeline's training parameters: the demo's recipe (``configs/demo.yaml``)."""
+
+
+def demo_training_defaults() -> dict[str, Any]:
+    """The demo's training settings: the defaults of the :data:`DEMO_TRAINING` parameters."""
+    parameters = inspect.signature(pipeline.fn).parameters
+    return {name: parameters[name].default for name in DEMO_TRAINING}
+
+
+def _recipe_instead(settings: dict[str, Any], config: Path) -> dict[str, Any]:
+    """No demo settings when a recipe trains; a demo parameter changed as well is ambiguous.
+    Checked (and the recipe read) before any data work."""
+    changed = [name for name, value in settings.items()
+               if value != demo_training_defaults()[name]]
+    if changed:
+        raise EmbsegError(f"pipeline: config={config} replaces the demo's training settings; "
+                          f"give {', '.join(changed)} in train_options (they override the "
+                          f"recipe), not as pipeline parameters")
+    read_recipe(config)  # a bad recipe fails now, not after the shard build
+    return {}
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f}"
 
@@ -183,6 +209,7 @@ def pipeline(
     device: str = "cpu",
     repeat_threshold: float | None = None,
     train_options: dict[str, Any] | None = None,
+    config: Path | None = None,
     predict_count: int = 4,
 ) -> dict[str, Any]:
     """Run the whole pipeline; defaults are the demo configuration (synthetic data, CPU).
@@ -191,7 +218,16 @@ def pipeline(
     ``images`` (the folder holding ``train2017/`` and ``val2017/``). ``repeat_threshold``:
     repeat-factor sampling in training (t; off when None). ``train_options``: further
     ``train`` flow parameters (e.g. ``{"backbone": "resnet50", "output_stride": 8}``).
+    ``config``: a recipe file (``configs/*.yaml``) for the train stage *instead of* the demo's
+    training settings (:data:`DEMO_TRAINING`: give changes to those in ``train_options``,
+    which override the recipe); ``seed``, ``device`` and ``repeat_threshold`` apply with or
+    without it. ``configs/demo.yaml`` is the demo's training settings as a recipe.
     """
+    demo = {"head": head, "embed_dim": embed_dim, "k": k, "steps": steps,
+            "batch_size": batch_size, "crop_size": crop_size, "lr": lr, "num_workers": num_workers}
+    options = {**(demo if config is None else _recipe_instead(demo, config)),
+               "device": device, "seed": seed, "repeat_threshold": repeat_threshold,
+               **(train_options or {})}
     sources = _data_sources(lvis_train=lvis_train, coco_stuff_train=coco_stuff_train,
                             lvis_val=lvis_val, coco_stuff_val=coco_stuff_val, images=images)
     if sources is None:
@@ -209,11 +245,8 @@ def pipeline(
                     ray_address=ray_address, workers=workers, force=force_rebuild)
     train_shards, val_shards = Path(shards) / "train", Path(shards) / "val"
     run_dir = Path(runs) / f"pipeline-{flow_run_label()}"
-    options = {"head": head, "embed_dim": embed_dim, "k": k, "steps": steps,
-               "batch_size": batch_size, "crop_size": crop_size, "lr": lr,
-               "num_workers": num_workers, "device": device, "seed": seed,
-               "repeat_threshold": repeat_threshold, **(train_options or {})}
-    trained = train_flow(shards=train_shards, val_shards=val_shards, out=run_dir, **options)
+    trained = train_flow(shards=train_shards, val_shards=val_shards, out=run_dir,
+                         config=config, **options)
     evaluation = evaluate_flow(checkpoint=Path(trained["checkpoint"]), shards=val_shards,
                                out=run_dir / "eval-val", device=device)
     predictions = predict_task(Path(trained["checkpoint"]), val_shards, images_root,

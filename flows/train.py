@@ -1,7 +1,9 @@
 """``train``: the single-GPU trainer (``embseg.train.train``) as a tracked, resumable stage.
 
 The flow's parameters are the fields of :class:`embseg.train.TrainConfig` (one per
-``embseg train`` option), except ``resume``, which the flow decides: when the run folder
+``embseg train`` option) and ``config``, a recipe file (``configs/*.yaml``): a parameter left
+at None comes from the recipe, else the trainer's default. ``resume`` is not a parameter; the
+flow decides it: when the run folder
 ``out`` already holds ``last.pt`` (or its kept previous version), training continues from it.
 So a retried task, a retried flow run or the same flow started again with the same ``out``
 resume from the last checkpoint, never from step 0.
@@ -23,11 +25,15 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from embseg.checkpoint import previous_path
+from embseg.recipes import layered_settings
 from embseg.train import TrainConfig, TrainResult, train
 from flows._common import markdown_table, retry_unless_bad_input
 
 FLOW_DECIDED_FIELDS = ("resume",)
 """TrainConfig fields that are not flow parameters: the flow sets them itself."""
+
+FLOW_DEFAULTS = {"no_progress": True}
+"""Where the flow's default differs from the trainer's: no progress bars in Prefect's logs."""
 
 
 def has_checkpoint(run_dir: Path) -> bool:
@@ -90,7 +96,8 @@ def train_markdown(summary: dict[str, Any]) -> str:
         f"Finished at step {summary['step']}.", "",
         f"- checkpoint (best by val mIoU, else last): `{summary['checkpoint']}`",
         f"- last checkpoint: `{summary['last_checkpoint']}`",
-        f"- metrics: `{summary['metrics_file']}`", "",
+        f"- metrics: `{summary['metrics_file']}`",
+        *([f"- recipe: `{summary['recipe']}`"] if summary.get("recipe") else []), "",
         markdown_table(["metric", "value"], rows),
     ])
 
@@ -106,44 +113,52 @@ def train_flow(
     shards: Path,
     out: Path,
     val_shards: Path | None = None,
-    head: str = "embedding",
-    backbone: str = "tiny",
+    head: str | None = None,
+    backbone: str | None = None,
     backbone_weights: Path | None = None,
-    output_stride: int = 16,
-    embed_dim: int = 32,
-    k: int = 7,
-    temperature: float = 20.0,
-    margin: float = 0.2,
-    embed_bn: bool = True,
-    dropout: float = 0.5,
-    backbone_lr_mult: float = 0.1,
-    class_lr_mult: float = 30.0,
-    steps: int = 1000,
-    batch_size: int = 8,
-    crop_size: int = 256,
-    lr: float = 0.01,
-    num_workers: int = 2,
-    checkpoint_every: int = 100,
+    output_stride: int | None = None,
+    embed_dim: int | None = None,
+    k: int | None = None,
+    temperature: float | None = None,
+    margin: float | None = None,
+    embed_bn: bool | None = None,
+    dropout: float | None = None,
+    backbone_lr_mult: float | None = None,
+    class_lr_mult: float | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    crop_size: int | None = None,
+    lr: float | None = None,
+    num_workers: int | None = None,
+    checkpoint_every: int | None = None,
     eval_every: int | None = None,
-    seed: int = 0,
-    device: str = "cpu",
-    on_bad_sample: str = "skip",
-    no_progress: bool = True,
-    shuffle_buffer: int = 256,
+    seed: int | None = None,
+    device: str | None = None,
+    on_bad_sample: str | None = None,
+    no_progress: bool | None = None,
+    shuffle_buffer: int | None = None,
     repeat_threshold: float | None = None,
-    eval_batch_size: int = 4,
+    eval_batch_size: int | None = None,
     init_checkpoint: Path | None = None,
+    config: Path | None = None,
 ) -> dict[str, Any]:
     """Train a model on ``shards`` into the run folder ``out`` (see ``embseg train --help``).
 
-    ``init_checkpoint`` starts a new run from a checkpoint's weights (fine-tuning); a run that
-    already has a checkpoint in ``out`` resumes from it instead. ``repeat_threshold``:
-    repeat-factor sampling with that t (LVIS uses 0.001), off when None.
+    ``config``: a recipe file (``configs/*.yaml``). Every other parameter left at None takes
+    the recipe's value when it has one, else the trainer's default (``embseg train --help``;
+    ``no_progress`` defaults to True here: no progress bars in Prefect's logs); a parameter
+    given overrides the recipe. ``init_checkpoint`` starts a new run from a checkpoint's
+    weights (fine-tuning); a run that already has a checkpoint in ``out`` resumes from it
+    instead. ``repeat_threshold``: repeat-factor sampling with that t (LVIS uses 0.001).
     """
     params = dict(locals())
-    config = TrainConfig(resume=False, **params)
-    result = train_model_task(config)
+    recipe = params.pop("config")
+    train_config = flow_train_config(params, recipe=recipe)
+    if recipe is not None:
+        print(f"training with the recipe {recipe} (the parameters given override it)")
+    result = train_model_task(train_config)
     summary = train_summary(result)
+    summary["recipe"] = str(recipe) if recipe is not None else None
     create_markdown_artifact(key="train-report", markdown=train_markdown(summary),
                              description=f"train: run {summary['run_dir']}")
     print(f"checkpoint: {summary['checkpoint']} (step {summary['step']}); "
@@ -151,6 +166,14 @@ def train_flow(
     return summary
 
 
+def flow_train_config(params: dict[str, Any], *, recipe: Path | None = None) -> TrainConfig:
+    """The TrainConfig of ``train`` flow parameters: those not None override the ``recipe``
+    file, which overrides :data:`FLOW_DEFAULTS` and then the trainer's defaults."""
+    given = {name: value for name, value in params.items() if value is not None}
+    settings = layered_settings(given=given, recipe=recipe, defaults=FLOW_DEFAULTS)
+    return TrainConfig(resume=False, **settings)
+
+
 def train_config_fields() -> list[str]:
-    """Names of the TrainConfig fields the flow exposes as parameters."""
+    """Names of the TrainConfig fields the flow exposes as parameters (then ``config``)."""
     return [f.name for f in dataclasses.fields(TrainConfig) if f.name not in FLOW_DECIDED_FIELDS]

@@ -34,7 +34,7 @@ from flows import promotion
 from flows.pipeline import _data_sources, majority_class_baseline
 from flows.rebuild import dataset_rebuild
 from flows.retrain import retrain
-from flows.train import train_config_fields, train_flow
+from flows.train import flow_train_config, train_config_fields, train_flow
 
 pytestmark = pytest.mark.slow
 
@@ -260,12 +260,33 @@ def test_retrain_promotes_the_first_model_then_applies_the_rule(synth, prefect_s
 
 def test_train_flow_parameters_are_the_train_config_fields():
     params = inspect.signature(train_flow.fn).parameters
-    assert list(params) == train_config_fields()
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
-                if f.default is not dataclasses.MISSING}
-    differing = {name for name, p in params.items()
-                 if p.default is not inspect.Parameter.empty and p.default != defaults[name]}
+    assert list(params) == [*train_config_fields(), "config"]
+    # every setting defaults to None: the recipe's value, else the trainer's default
+    required = {name for name, p in params.items() if p.default is inspect.Parameter.empty}
+    assert required == {"shards", "out"}
+    assert all(p.default is None for name, p in params.items() if name not in required)
+    resolved = flow_train_config({"shards": Path("s"), "out": Path("o")})
+    defaults = TrainConfig(shards=Path("s"), out=Path("o"))
+    differing = {f.name for f in dataclasses.fields(TrainConfig)
+                 if getattr(resolved, f.name) != getattr(defaults, f.name)}
     assert differing == {"no_progress"}  # no progress bars in Prefect's logs
+
+
+def test_train_flow_takes_a_recipe_file(built, prefect_server, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("steps: 2\nk: 3\nembed_dim: 16\nbatch_size: 4\n")
+    state = train_flow(shards=built / "train", out=tmp_path / "run", config=recipe,
+                       batch_size=2, return_state=True, **{
+                           k: v for k, v in TINY_TRAIN.items() if k != "batch_size"})
+    summary = state.result()
+    assert summary["step"] == 2 and summary["recipe"] == str(recipe)
+    stored = load_checkpoint(Path(summary["last_checkpoint"]), map_location="cpu")
+    # from the recipe: steps, k, embed_dim; the parameter given wins over it: batch_size
+    assert {name: stored["train_config"][name] for name in
+            ("steps", "k", "embed_dim", "batch_size")} == {
+        "steps": 2, "k": 3, "embed_dim": 16, "batch_size": 2}
+    assert f"recipe: `{recipe}`" in run_artifacts(state.state_details.flow_run_id)[
+        "train-report"]
 
 
 def _train_rows(run: Path) -> list[dict]:
