@@ -19,7 +19,15 @@ from annotation_files import write_image
 from PIL import Image
 
 from embseg.errors import EmbsegError
-from embseg.formats import FORMAT_NAMES, ade20k, cityscapes, coco_stuff_maps, open_dataset, voc
+from embseg.formats import (
+    FORMAT_NAMES,
+    MODULES,
+    ade20k,
+    cityscapes,
+    coco_stuff_maps,
+    open_dataset,
+    voc,
+)
 from embseg.formats.core import ValueMap, list_files
 from embseg.formats.labelmap import read_class_list
 from embseg.labels import decode_label_png
@@ -456,6 +464,10 @@ def test_bad_roots_and_splits_are_one_line_errors(tmp_path, ade_root):
     with pytest.raises(EmbsegError, match="are for --format labelmap"):
         open_dataset("voc", images=tmp_path, split="x", unlabelled=0)
     assert FORMAT_NAMES == ("lvis", "ade20k", "cityscapes", "voc", "coco-stuff-maps", "labelmap")
+    import importlib
+
+    for name, module in MODULES.items():
+        assert importlib.import_module(module).NAME == name
 
 
 def test_undecodable_and_non_png_labels_fail(tmp_path, ade_root):
@@ -518,3 +530,96 @@ def test_evaluation_reports_the_datasets_own_groups(tmp_path):
     report = build_report(metrics.compute(no_groups.groups()), no_groups, n_images=1,
                           n_bad_samples=0, shards="x")
     assert report.group_miou == {} and "| group |" not in report.to_markdown()
+
+
+# --- the build, train and eval on one format's shards -----------------------------------------
+
+
+def _shard_samples(out: Path) -> dict[str, dict]:
+    import webdataset as wds
+
+    shards = sorted(str(p) for p in out.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+    return {s["__key__"]: s for s in wds.WebDataset(shards, shardshuffle=False)}
+
+
+def _build_args(root: Path, out: Path, fmt: str, split: str, *extra: str) -> list[str]:
+    return ["build", "--format", fmt, "--images", str(root), "--split", split, "--out",
+            str(out), "--shard-size", "2", "--no-progress", *extra]
+
+
+def test_build_voc_shards_manifest_and_classes(voc_root, ray_local, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from embseg.cli import main
+
+    out = tmp_path / "voc-train"
+    assert main(_build_args(voc_root, out, "voc", "train")) == 1  # two items failed
+    captured = capsys.readouterr()
+    assert "4 images -> 2 ok, 0 skipped, 2 failed" in captured.out
+    assert captured.err.count("\n") == 1 and "--allow-failures" in captured.err
+    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert [(r["key"], r["status"]) for r in rows] == [
+        ("2007_000032", "ok"), ("2008_000001", "ok"), ("2010_000005", "failed"),
+        ("2011_000006", "failed")]
+    assert "SegmentationClass/2010_000005.png is missing" in rows[2]["reason"]
+    assert Vocabulary.read_parquet(out / "classes.parquet") == voc.vocabulary()
+    samples = _shard_samples(out)
+    assert sorted(samples) == ["2007_000032", "2008_000001"]
+    for row in rows[:2]:
+        sample = samples[row["key"]]
+        assert sample["jpg"] == (voc_root / "JPEGImages" / f"{row['key']}.jpg").read_bytes()
+        raw = np.array(Image.open(voc_root / "SegmentationClass" / f"{row['key']}.png"))
+        label = decode_label_png(sample["seg.png"])
+        assert np.array_equal(label, reference_apply("voc", raw))
+        ids = sorted(int(v) for v in np.unique(label) if v)
+        assert row["class_ids"] == ids
+        assert row["pixel_counts"] == [int((label == i).sum()) for i in ids]
+        assert json.loads(sample["json"])["label_file"] == f"SegmentationClass/{row['key']}.png"
+    before = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    assert main(_build_args(voc_root, out, "voc", "train", "--allow-failures")) == 0
+    assert "reused" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == before
+    # a changed label rebuilds: the shard holding it gets new bytes
+    write_label(voc_root / "SegmentationClass" / "2010_000005.png", raw_values(3, [0, 1]),
+                mode="P")
+    assert main(_build_args(voc_root, out, "voc", "train")) == 1
+    assert sorted(_shard_samples(out)) == ["2007_000032", "2008_000001", "2010_000005"]
+
+
+def test_build_option_rules_are_one_line_errors(voc_root, tmp_path, capsys):
+    from embseg.cli import main
+
+    out = tmp_path / "x"
+    cases = [(_build_args(voc_root, out, "voc", "train", "--lvis", "a.json"), "--format lvis"),
+             (["build", "--images", str(voc_root), "--out", str(out)], "--lvis"),
+             (_build_args(voc_root, out, "voc", "train", "--classes", "c.txt"),
+              "for --format labelmap"),
+             (_build_args(voc_root, out, "ade20k", "train"), "ade20k splits are")]
+    for argv, expected in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("embseg: error: ") and expected in err
+    assert not out.exists() or not list(out.glob("*.tar"))
+
+
+def test_train_and_eval_on_cityscapes_shards(cityscapes_root, ray_local, tmp_path,
+                                             one_torch_thread):
+    """A few training steps and an evaluation run unchanged on a format's shards; the eval
+    report's groups are the Cityscapes categories."""
+    from embseg.cli import main
+    from embseg.evaluate import evaluate
+    from embseg.train import TrainConfig, train
+
+    shards = tmp_path / "shards"
+    assert main(_build_args(cityscapes_root, shards / "train", "cityscapes", "train")) == 0
+    assert main(_build_args(cityscapes_root, shards / "val", "cityscapes", "val",
+                            "--allow-failures")) == 0
+    result = train(TrainConfig(shards=shards / "train", val_shards=shards / "val",
+                               out=tmp_path / "run", steps=2, batch_size=2, crop_size=16,
+                               num_workers=0, checkpoint_every=2, no_progress=True))
+    assert result.step == 2
+    report = evaluate(result.last_checkpoint, shards / "val", num_workers=0)
+    assert report.n_images == 2  # the two lindau items failed at build time
+    assert list(report.group_miou) == ["flat", "construction", "object", "nature", "sky",
+                                       "human", "vehicle"]
+    assert "| vehicle |" in report.to_markdown()

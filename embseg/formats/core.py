@@ -4,9 +4,9 @@ A label-map dataset is a set of (image file, label PNG) pairs under a root folde
 table. Its label PNGs hold the dataset's own values; a :class:`ValueMap` turns each value into
 an embseg class id (1..C) or 0 (unlabelled), and refuses any value the dataset's table does not
 have. :func:`process_pair` is the per-item work of the build: read both files, check them,
-map the values and package the sample, exactly as :func:`embseg.labels.process_image` does for
-LVIS (original image bytes, a uint16 label PNG from :func:`embseg.labels.encode_label_png`, the
-present class ids and their pixel counts). It never raises for a per-item problem: a missing,
+map the values and package the sample as the LVIS build does (original image bytes, a uint16
+label PNG from :func:`embseg.labels.encode_label_png`, the present class ids and their pixel
+counts from :func:`embseg.labels.class_pixel_counts`). It never raises for a per-item problem: a missing,
 unpaired, undecodable or wrongly sized file, or a value outside the table, gives an
 :class:`~embseg.labels.ImageResult` with status ``failed`` and a one-line reason.
 
@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from embseg.errors import EmbsegError, ItemFailure
-from embseg.labels import ImageResult, encode_label_png, stored_image_size
+from embseg.labels import ImageResult, class_pixel_counts, encode_label_png, stored_image_size
 from embseg.vocab import Vocabulary
 
 # Label PNG modes whose pixels are the stored values themselves (P: the palette index).
@@ -293,14 +293,6 @@ def read_label_values(data: bytes) -> np.ndarray:
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
         raise ItemFailure(f"label PNG cannot be decoded ({type(exc).__name__}: "
                           f"{_one_line(exc)})") from exc
-
-
-def class_pixel_counts(label: np.ndarray) -> tuple[list[int], list[int]]:
-    """Class ids present in a label map (0 left out), ascending, and their pixel counts."""
-    counts = np.bincount(label.ravel())
-    present = np.flatnonzero(counts)
-    present = present[present > 0]
-    return present.tolist(), counts[present].tolist()
 
 
 def _process(item: PairItem, root: Path, value_map: ValueMap, fmt: str) -> ImageResult:
