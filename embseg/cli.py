@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from embseg.errors import EmbsegError
+from embseg.formats import FORMAT_NAMES
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -69,12 +70,14 @@ def _add_bad_sample_option(parser: argparse.ArgumentParser, default: str) -> Non
 
 
 def _add_annotation_options(parser: argparse.ArgumentParser, *, out_help: str,
-                            out_type: type = Path) -> None:
-    parser.add_argument("--lvis", type=Path, required=True,
-                        help="LVIS v1 annotation file (lvis_v1_train.json / lvis_v1_val.json)")
-    parser.add_argument("--coco-stuff", type=Path, action="append", required=True,
+                            out_type: type = Path, required: bool = True) -> None:
+    when = "" if required else " (default: none; required with --format lvis, unused otherwise)"
+    parser.add_argument("--lvis", type=Path, required=required,
+                        help="LVIS v1 annotation file (lvis_v1_train.json / lvis_v1_val.json)"
+                             + when)
+    parser.add_argument("--coco-stuff", type=Path, action="append", required=required,
                         help="COCO-Stuff annotation file (stuff_train2017.json ...); repeat "
-                             "the option for several files")
+                             "the option for several files" + when)
     parser.add_argument("--out", type=out_type, required=True, help=out_help)
 
 
@@ -93,16 +96,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "build", help="build WebDataset shards (label maps painted on Ray)",
                  target="embseg.build:cli_build")
-    _add_annotation_options(p, out_type=str,
+    p.add_argument("--format", default="lvis", choices=FORMAT_NAMES,
+                   help="the dataset's format: lvis = LVIS v1 + COCO-Stuff annotation files; "
+                        "ade20k, cityscapes, voc, coco-stuff-maps = that dataset's own folder "
+                        "layout under --images; labelmap = any folder of label PNGs "
+                        "(--labels, --classes); see docs/formats.md")
+    _add_annotation_options(p, out_type=str, required=False,
                             out_help="shard folder of this split (e.g. shards/train): "
                                      "*-NNNNNN.tar, classes.parquet, manifest.parquet; or an "
                                      "fsspec URL such as s3://bucket/prefix. On a Ray cluster "
                                      "a folder must be on a file system every node shares")
     p.add_argument("--images", type=Path, required=True,
-                   help="images root: the folder holding train2017/, val2017/ (the paths "
-                        "of the annotations' coco_url / file_name are resolved under it)")
+                   help="lvis: the images root, holding train2017/, val2017/ (the "
+                        "annotations' coco_url / file_name are resolved under it); ade20k: "
+                        "ADEChallengeData2016; cityscapes: the folder of leftImg8bit/ and "
+                        "gtFine/; voc: VOCdevkit/VOC2012; coco-stuff-maps: the folder of "
+                        "train2017/ and stuffthingmaps_trainval2017/; labelmap: the images")
     p.add_argument("--split", default="train",
-                   help="split name: names the shards (<split>-NNNNNN.tar) and their records")
+                   help="split name: names the shards (<split>-NNNNNN.tar) and their records; "
+                        "for the other formats the dataset's own split (ade20k: training, "
+                        "validation; cityscapes, voc: train, val; coco-stuff-maps: train2017, "
+                        "val2017; labelmap: any name)")
+    p.add_argument("--labels", type=Path, default=None,
+                   help="--format labelmap: the folder of label PNGs, paired with the images "
+                        "by file stem (default: none; required with labelmap)")
+    p.add_argument("--classes", type=Path, default=None,
+                   help="--format labelmap: the class list, one name per line (the n-th is "
+                        "value n) or 'VALUE NAME' lines (default: none; required with "
+                        "labelmap)")
+    p.add_argument("--unlabelled", type=int, default=None,
+                   help="--format labelmap: the label value that is no class (default: 255)")
     p.add_argument("--shard-size", type=int, default=1000,
                    help="images per shard; smaller shards spread a small dataset over more "
                         "loader workers, larger ones mean fewer files")
