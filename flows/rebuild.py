@@ -72,8 +72,11 @@ def plan_task(source: SplitSource, *, images: Path, out: Path, shard_size: int,
     plan = plan_build(source=build_source, lvis=source.lvis, coco_stuff=list(source.coco_stuff),
                       images=images, out=out, split=source.split, shard_size=shard_size,
                       overlap=overlap)
-    get_run_logger().info("plan %s: %d images in %d shards, input hash %s", source.split,
-                          plan.n_images, len(plan.shards), plan.input_hash[:16])
+    logger = get_run_logger()
+    if build_source is not None:
+        logger.info("vocabulary (%s): %s", format, summary_line(plan.vocab))
+    logger.info("plan %s: %d images in %d shards, input hash %s", source.split,
+                plan.n_images, len(plan.shards), plan.input_hash[:16])
     return plan
 
 
