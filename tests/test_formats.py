@@ -623,3 +623,24 @@ def test_train_and_eval_on_cityscapes_shards(cityscapes_root, ray_local, tmp_pat
     assert list(report.group_miou) == ["flat", "construction", "object", "nature", "sky",
                                        "human", "vehicle"]
     assert "| vehicle |" in report.to_markdown()
+
+
+def test_rebuild_flow_passes_a_format_through(ade_root, prefect_server, ray_local, tmp_path):
+    from flows.rebuild import dataset_rebuild
+
+    splits = [{"split": "training"}, {"split": "validation"}]
+    out = tmp_path / "shards"
+    results = dataset_rebuild(splits=splits, images=ade_root, out=out, shard_size=2,
+                              allow_failures=True, format="ade20k")
+    assert (results["training"]["n_ok"], results["training"]["n_failed"]) == (2, 0)
+    assert (results["validation"]["n_ok"], results["validation"]["n_failed"]) == (2, 5)
+    assert results["training"]["num_classes"] == 150
+    assert Vocabulary.read_parquet(out / "validation" / "classes.parquet") == ade20k.vocabulary()
+    again = dataset_rebuild(splits=splits, images=ade_root, out=out, shard_size=2,
+                            allow_failures=True, format="ade20k")
+    assert again["training"]["status"] == again["validation"]["status"] == "up to date"
+    with pytest.raises(EmbsegError, match="are for format lvis, not ade20k"):
+        dataset_rebuild(splits=[{"split": "training", "lvis": "x.json"}], images=ade_root,
+                        out=out, format="ade20k")
+    with pytest.raises(EmbsegError, match="format lvis needs an lvis file"):
+        dataset_rebuild(splits=[{"split": "train"}], images=ade_root, out=out)

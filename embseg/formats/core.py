@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path, PurePosixPath
@@ -219,8 +219,9 @@ def list_files(folder: Path, root: Path, suffix: str, *, depth: int = 0,
     return listing
 
 
-def pair_listings(images: Listing, labels: Listing, *, expected_label, expected_image,
-                  image_id=None) -> list[PairItem]:
+def pair_listings(images: Listing, labels: Listing, *, expected_label: Callable[[str], str],
+                  expected_image: Callable[[str], str],
+                  image_id: Callable[[str], int | None] | None = None) -> list[PairItem]:
     """Items of two listings paired by key, sorted by key; every problem becomes a failed item.
 
     ``expected_label(key)`` / ``expected_image(key)`` give the path (relative to the root)
@@ -228,12 +229,7 @@ def pair_listings(images: Listing, labels: Listing, *, expected_label, expected_
     optional numeric id.
     """
     items: dict[str, PairItem] = {}
-
-    def add(item: PairItem) -> None:
-        items[item.key] = item
-
-    keys = sorted(set(images.found) | set(labels.found))
-    for key in keys:
+    for key in set(images.found) | set(labels.found):
         image, label = images.found.get(key), labels.found.get(key)
         number = image_id(key) if image_id is not None else None
         failure = key_problem(key)
@@ -241,15 +237,16 @@ def pair_listings(images: Listing, labels: Listing, *, expected_label, expected_
             failure = f"no label file for image {image} (expected {expected_label(key)})"
         elif failure is None and image is None:
             failure = f"no image file for label {label} (expected {expected_image(key)})"
-        add(PairItem(key=key, image=image, label=label, image_id=number, failure=failure))
+        items[key] = PairItem(key=key, image=image, label=label, image_id=number,
+                              failure=failure)
     for listing, kind in ((images, "image"), (labels, "label")):
         for key, paths in listing.duplicates.items():
-            add(PairItem(key=key, image=None, label=None, failure=(
-                f"{len(paths)} {kind} files share the key {key!r}: {', '.join(paths)}")))
+            items[key] = PairItem(key=key, image=None, label=None, failure=(
+                f"{len(paths)} {kind} files share the key {key!r}: {', '.join(paths)}"))
         for rel in listing.unexpected:
-            add(PairItem(key=rel, image=None, label=None, failure=(
+            items[rel] = PairItem(key=rel, image=None, label=None, failure=(
                 f"unexpected file {rel} in the {kind} folder (not part of the dataset's "
-                "layout; move it away)")))
+                "layout; move it away)"))
     return [items[key] for key in sorted(items)]
 
 
