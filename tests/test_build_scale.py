@@ -423,3 +423,20 @@ def test_build_to_an_s3_prefix(synth, ray_local, s3_bucket, tmp_path):
                                                      "classes.parquet").read_bytes()
     assert not [n for n in fs.find(prefix) if n.endswith(".partial")]
     assert last_build_hash(url, "train") == local.input_hash
+
+
+def test_an_annotation_file_changed_after_planning_stops_the_build(synth, ray_local, tmp_path):
+    """The workers read the annotations back by their planned byte spans: a file that changed
+    since the plan is a one-line error, never shards painted from shifted bytes."""
+    from embseg.build import execute_plan
+
+    lvis = tmp_path / "lvis.json"
+    shutil.copy(synth.lvis_train, lvis)
+    kwargs = {k: v for k, v in _kwargs(synth, tmp_path / "out").items() if k != "progress"}
+    plan = plan_build(**{**kwargs, "lvis": lvis})
+    data = json.loads(lvis.read_text())
+    lvis.write_text(json.dumps(data, indent=1))  # same content, other byte offsets
+    with pytest.raises(EmbsegError, match="changed after the build was planned") as info:
+        execute_plan(plan, progress=False)
+    assert str(lvis) in str(info.value) and "\n" not in str(info.value)
+    assert not list((tmp_path / "out").glob("train-*.tar"))
