@@ -94,8 +94,7 @@ def _run_point(spec: dict[str, Any], log) -> dict[str, Any]:
 
 def _point_build(spec: dict[str, Any]) -> dict[str, Any]:
     """Plan and execute one build (this process is the driver)."""
-    import resource
-
+    from embseg.bench.core import _peak_rss_bytes
     from embseg.build import execute_plan, plan_build
 
     started = time.perf_counter()
@@ -115,7 +114,7 @@ def _point_build(spec: dict[str, Any]) -> dict[str, Any]:
         "build_seconds": round(finished - started, 2),
         "execute_images_per_second": round(report.images_per_second, 1),
         "end_to_end_images_per_second": round(report.n_images / (finished - started), 1),
-        "driver_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "driver_peak_rss_bytes": _peak_rss_bytes(),  # VmHWM: this process image only
         "shard_bytes": sum(report.shard_bytes),
     }
 
