@@ -113,8 +113,13 @@ def _point_build(spec: dict[str, Any]) -> dict[str, Any]:
         "ray_start_seconds": round(finished - planned - report.seconds, 2),
         "build_seconds": round(finished - started, 2),
         "execute_images_per_second": round(report.images_per_second, 1),
+        "worker_cpu_seconds": round(report.worker_cpu_seconds, 1),
+        "images_per_worker_cpu_second": round(
+            (report.n_images - report.reused_shards * spec["shard_size"])
+            / report.worker_cpu_seconds, 1) if report.worker_cpu_seconds else None,
         "end_to_end_images_per_second": round(report.n_images / (finished - started), 1),
         "driver_peak_rss_bytes": _peak_rss_bytes(),  # VmHWM: this process image only
+        "driver_cpu_seconds": round(time.process_time(), 1),
         "shard_bytes": sum(report.shard_bytes),
     }
 
@@ -133,6 +138,7 @@ def _point_naive(spec: dict[str, Any]) -> dict[str, Any]:
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    cpu_started = time.process_time()
     with contextlib.redirect_stdout(io.StringIO()):
         lvis = LVIS(spec["lvis"])
         stuff = COCO(spec["stuff"])
@@ -162,8 +168,10 @@ def _point_naive(spec: dict[str, Any]) -> dict[str, Any]:
             claimed |= mask
         Image.fromarray(label).save(out / f"{image_id:012d}.png")
     finished = time.perf_counter()
+    cpu = time.process_time() - cpu_started
     n = len(lvis.imgs)
-    return {"images": n, "load_seconds": round(loaded - started, 2),
+    return {"images": n, "load_seconds": round(loaded - started, 2), "cpu_seconds": round(cpu, 1),
+            "images_per_cpu_second": round(n / cpu, 1),
             "paint_png_seconds": round(finished - loaded, 2),
             "end_to_end_images_per_second": round(n / (finished - started), 1)}
 
@@ -341,6 +349,8 @@ def bench_build_scale(images: int, workdir: Path, log, save=lambda: None,
 
 
 def _derived(b: dict[str, Any]) -> dict[str, Any]:
+    """Ratios of the goals (wall clock), and the same by CPU time (what a loaded machine
+    does not distort as much: images per CPU-second of the workers / the naive process)."""
     one, every = b.get("scaling_one_worker"), b.get("scaling_all_cores")
     full, naive = b.get("full_build"), b.get("naive")
     derived: dict[str, Any] = {}
@@ -349,9 +359,15 @@ def _derived(b: dict[str, Any]) -> dict[str, Any]:
             one["execute_images_per_second"]
         derived["per_core_x_today"] = one["execute_images_per_second"] / \
             TODAY_PER_CORE_IMAGES_PER_SECOND
+        if one.get("images_per_worker_cpu_second"):
+            derived["per_core_cpu_x_today"] = one["images_per_worker_cpu_second"] / \
+                TODAY_PER_CORE_IMAGES_PER_SECOND
     if full and naive:
         derived["end_to_end_x_naive"] = full["end_to_end_images_per_second"] / \
             naive["end_to_end_images_per_second"]
+        if every and every.get("images_per_worker_cpu_second") and naive.get("cpu_seconds"):
+            derived["worker_cpu_efficiency_x_naive"] = every["images_per_worker_cpu_second"] / \
+                naive["images_per_cpu_second"]
     return derived
 
 
@@ -374,16 +390,21 @@ def markdown(result: dict[str, Any]) -> list[str]:
         rows.append(("scaling set, all cores", b.get("scaling_all_cores")))
     rows.append(("scaling set, 1 worker", b.get("scaling_one_worker")))
     lines += ["| build | workers | images | plan s | Ray start s | execute s | execute img/s | "
-              "end-to-end img/s | process wall s | driver peak RSS | reused shards |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "end-to-end img/s | process wall s | driver peak RSS | reused shards | "
+              "img per worker CPU-s | load 1-min before/after |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows:
         if row:
+            per_cpu = row.get("images_per_worker_cpu_second")
+            load = row.get("load_average_1_5_15_before_after")
             lines.append(
                 f"| {name} | {row['workers']} | {row['images']:,} | {row['plan_seconds']:.1f} | "
                 f"{row['ray_start_seconds']:.1f} | {row['execute_seconds']:.1f} | "
                 f"{row['execute_images_per_second']:.1f} | "
                 f"{row['end_to_end_images_per_second']:.1f} | {row['process_wall_seconds']:.1f} | "
-                f"{row['driver_peak_rss_bytes'] / 2**30:.2f} GiB | {row['reused_shards']} |")
+                f"{row['driver_peak_rss_bytes'] / 2**30:.2f} GiB | {row['reused_shards']} | "
+                f"{'-' if per_cpu is None else f'{per_cpu:.1f}'} | "
+                f"{'-' if not load else f'{load[0][0]:.1f} / {load[1][0]:.1f}'} |")
     if b.get("scaling_note"):
         lines += ["", f"Scaling set: {b['scaling_note']}; shards byte-identical with 1 worker "
                       f"and with all cores: {b.get('shards_identical_1_vs_all_workers')}."]
@@ -393,7 +414,9 @@ def markdown(result: dict[str, Any]) -> list[str]:
                       "full-image masks, Pillow PNG per image): "
                       f"{naive['end_to_end_images_per_second']:.1f} images/s end to end "
                       f"(load {naive['load_seconds']:.1f} s, paint + PNG "
-                      f"{naive['paint_png_seconds']:.1f} s)."]
+                      f"{naive['paint_png_seconds']:.1f} s"
+                      + (f"; {naive['images_per_cpu_second']:.1f} images per CPU-second"
+                         if naive.get("images_per_cpu_second") else "") + ")."]
     derived = _derived(b)
     if derived:
         lines += ["", "Ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in derived.items())
