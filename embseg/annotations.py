@@ -198,25 +198,33 @@ def _parse_all(data: memoryview, index: JsonIndex, key: str, path: Path) -> list
 def _annotation_ids(data: memoryview, spans: ArraySpans,
                     path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """id, image_id and category_id of every annotation (each element parsed once, then
-    dropped: the segmentations are read again by the workers)."""
+    dropped: the segmentations are read again by the workers). The types are checked on the
+    collected columns; the first bad annotation is then found and named."""
     import orjson
 
     ids, image_ids, category_ids = [], [], []
-    for index, (offset, length) in enumerate(zip(spans.offsets.tolist(), spans.lengths.tolist(), strict=True)):
-        try:
-            ann = orjson.loads(data[offset:offset + length])
-        except orjson.JSONDecodeError:
-            parse_element(bytes(data[offset:offset + length]), path, f"annotation #{index}",
-                          offset)  # raises the one-line error
-            raise
-        if not isinstance(ann, dict) or not _is_int(ann.get("id")):
-            raise EmbsegError(f"{path}: annotation #{index} has no integer 'id'")
-        for key in ("image_id", "category_id"):
-            if not _is_int(ann.get(key)):
-                raise EmbsegError(f"{path}: annotation id {ann['id']} has no integer '{key}'")
-        ids.append(ann["id"])
-        image_ids.append(ann["image_id"])
-        category_ids.append(ann["category_id"])
+    loads = orjson.loads
+    offsets, lengths = spans.offsets.tolist(), spans.lengths.tolist()
+    try:
+        for offset, length in zip(offsets, lengths, strict=True):
+            ann = loads(data[offset:offset + length])
+            ids.append(ann.get("id"))
+            image_ids.append(ann.get("image_id"))
+            category_ids.append(ann.get("category_id"))
+    except (orjson.JSONDecodeError, AttributeError):
+        index = len(ids)
+        offset = offsets[index]
+        parse_element(bytes(data[offset:offset + lengths[index]]), path,  # names a JSON error
+                            f"annotation #{index}", offset)
+        raise EmbsegError(f"{path}: annotation #{index} has no integer 'id'") from None
+    if not all(set(map(type, column)) <= {int} for column in (ids, image_ids, category_ids)):
+        for index, (ann_id, image_id, category_id) in enumerate(
+                zip(ids, image_ids, category_ids, strict=True)):
+            if not _is_int(ann_id):
+                raise EmbsegError(f"{path}: annotation #{index} has no integer 'id'")
+            for key, value in (("image_id", image_id), ("category_id", category_id)):
+                if not _is_int(value):
+                    raise EmbsegError(f"{path}: annotation id {ann_id} has no integer '{key}'")
     as_array = lambda values: np.array(values, dtype=np.int64)  # noqa: E731
     return as_array(ids), as_array(image_ids), as_array(category_ids)
 

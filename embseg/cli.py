@@ -283,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=Path, default=None,
                    help="the loader part reads these shards (your own data) instead of the "
                         "build part's synthetic ones (default: the synthetic ones)")
+    p.add_argument("--images", type=int, default=None,
+                   help="images of the build-scale part's LVIS-train-like set; the annotation "
+                        "counts scale with it (default: 100,170, LVIS v1 train)")
 
     p = _command(sub, "gpu-check", help="train on a CUDA device: the demo configuration and "
                                         "the paper's setting, checked against the CPU",

@@ -60,6 +60,7 @@ class BenchSettings:
     build_images: int = 200
     build_size: int = 128
     build_rounds: int = 3
+    build_scale_images: int = 100_170  # build-scale part: LVIS v1 train's image count
     loader_images: int = 200
     loader_rounds: int = 3
     cpu_memory_cap_gib: float = 8.0
@@ -135,6 +136,7 @@ def settings_record(settings: BenchSettings, *, quick: bool, gpu_sizes: bool
                               "forked from a server that imported torch once"),
             "build_images": settings.build_images, "build_image_size_px": settings.build_size,
             "build_rounds": settings.build_rounds,
+            "build_scale_images": settings.build_scale_images,
             "loader_images": settings.loader_images, "loader_rounds": settings.loader_rounds,
             "step_pair_classes": list(settings.step_pair_classes),
             "step_pair_rounds": settings.step_pair_rounds,
