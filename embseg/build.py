@@ -889,9 +889,13 @@ def _split_lock(folder: OutputFolder, split: str) -> Iterator[None]:
 
 def cli_build(args: argparse.Namespace) -> int:
     """``embseg build``: 0 on success, 1 if images failed (unless --allow-failures)."""
+    from embseg.formats.source import source_from_args  # None for --format lvis
+
+    source = source_from_args(args)
     try:
         report = build_shards(
-            lvis=args.lvis, coco_stuff=list(args.coco_stuff), images=args.images, out=args.out,
+            source=source, lvis=args.lvis, coco_stuff=list(args.coco_stuff or []),
+            images=args.images, out=args.out,
             split=args.split, shard_size=args.shard_size, overlap=args.overlap,
             workers=args.workers, ray_address=args.ray_address,
             progress=not args.no_progress, allow_failures=args.allow_failures)

@@ -56,7 +56,7 @@ ClassRuns = tuple[int, np.ndarray]  # (class id, COCO run lengths, column-major)
 class ImageResult:
     """Outcome of one image: the shard sample when ``status == "ok"``, else the reason."""
 
-    image_id: int
+    image_id: int | None  # None where the dataset has no numeric id (embseg.formats)
     key: str
     status: str
     reason: str = ""

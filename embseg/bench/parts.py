@@ -13,7 +13,7 @@ from typing import Any
 
 from embseg.bench.core import Part
 
-PART_MODULES = ("memory", "loss", "build", "loader", "build_scale")
+PART_MODULES = ("memory", "loss", "search", "build", "loader", "build_scale")
 """The parts' modules, in the order a run runs them and its report lists them."""
 
 REGISTRY: dict[str, Part] = {part.name: part for part in (
@@ -21,7 +21,9 @@ REGISTRY: dict[str, Part] = {part.name: part for part in (
 """The parts by their ``--parts`` name (a module's name, or ``build-scale``)."""
 
 PARTS = tuple(REGISTRY)
-"""The parts of a run: training step (with the step-time pair), loss alone, build, loader."""
+"""The parts of a run: training step (with the step-time pair), loss alone, the loss's
+nearest-class search against faiss, build, loader, and the LVIS-sized build (``build-scale``,
+only when asked for)."""
 
 
 def point_kinds() -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
