@@ -462,8 +462,6 @@ def execute_plan(plan: BuildPlan, *, workers: int | None = None, ray_address: st
         _forget_split(folder, plan.split)
         _remove_stale_files(plan, folder)
         folder.write(plan.vocab.parquet_bytes(), CLASSES_NAME)
-        if not plan.from_cache:
-            _write_plan_cache(folder, plan)
         records: dict[int, ShardDone] = {}
         todo = []
         for shard in plan.shards:
@@ -750,6 +748,8 @@ def _finish(plan: BuildPlan, folder: OutputFolder, records: dict[int, ShardDone]
         failures=[(keys[i].as_py(), reasons[i].as_py()) for i in failed],
         worker_cpu_seconds=sum(r.cpu_seconds for r in records.values()),
     )
+    if not plan.from_cache:  # for the next build of these files (a killed build leaves none)
+        _write_plan_cache(folder, plan)
     _record_split(folder, report, plan)
     return report
 

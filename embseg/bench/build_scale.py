@@ -7,9 +7,9 @@ takes a fraction of it) and measures, side by side:
   images/s of the execute stage and end to end (planning, Ray start-up and execute);
 - the same build again with nothing changed (the unchanged rebuild), end to end as the
   ``embseg build`` command runs it (interpreter start included);
-- the build with 1 worker (on the whole set up to ``SCALING_MAX_IMAGES``, else on a
-  ``SCALING_SAMPLE``-image subset, built with 1 worker and with all cores): per-core speed,
-  the scaling, and whether the shards are byte-identical;
+- the build with 1 worker (on the whole set up to ``SCALING_MAX_IMAGES``, else on a subset
+  of ``SCALING_SHARDS_PER_WORKER`` shards per worker, built with 1 worker and with all
+  cores): per-core speed, the scaling, and whether the shards are byte-identical;
 - a naive serial baseline on a ``NAIVE_SAMPLE``-image subset of the same images: the official
   APIs (``lvis.LVIS`` / ``pycocotools.coco.COCO``) loaded on the subset's files, each
   annotation's full-image mask (``ann_to_mask`` / ``annToMask``) painted over the whole label
@@ -37,7 +37,10 @@ TODAY_PER_CORE_IMAGES_PER_SECOND = 36.0
 """Per-core speed of the build before issue 14 (its workers' images/s per core, measured in
 the issue on this machine at 10,017 images: 2 workers at 73 images/s in the execute stage)."""
 SCALING_MAX_IMAGES = 20_000
-SCALING_SAMPLE = 5_000
+SCALING_SHARDS_PER_WORKER = 3
+"""Above SCALING_MAX_IMAGES images the scaling is measured on the set's first
+``workers x 3`` shards: a whole number of one-shard tasks per worker (5 shards on 2 workers
+made one worker build 3 while the other idled)."""
 NAIVE_SAMPLE = 1_000
 PNG_SAMPLE = 100
 POINT_TIMEOUT_S = 7200
@@ -319,9 +322,10 @@ def bench_build_scale(images: int, workdir: Path, log, save=lambda: None,
         all_out = full_out
         result["scaling_all_cores"] = result["full_build"]
     else:
-        lvis, stuff = write_subset(data.lvis, data.stuff, SCALING_SAMPLE, workdir / "scaling")
+        sample = SCALING_SHARDS_PER_WORKER * workers_all * common["shard_size"]
+        lvis, stuff = write_subset(data.lvis, data.stuff, sample, workdir / "scaling")
         scaling_set = {**common, "lvis": str(lvis), "stuff": str(stuff)}
-        scaling_note = f"the set's first {SCALING_SAMPLE} images"
+        scaling_note = f"the set's first {sample} images"
         all_out = workdir / "shards-scaling-all"
         result["scaling_all_cores"] = _run_point({**scaling_set, "kind": "build",
                                                   "out": str(all_out), "workers": workers_all,
