@@ -20,7 +20,6 @@ their annotation dicts (for tests and small tools).
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -35,7 +34,14 @@ from embseg.buildsource import (
     vocabulary_to_array,
 )
 from embseg.errors import EmbsegError
-from embseg.jsonindex import ArraySpans, ElementReader, JsonIndex, index_json_file, parse_element
+from embseg.jsonindex import (
+    ArraySpans,
+    ElementReader,
+    JsonIndex,
+    index_json_file,
+    parse_element,
+    read_file_bytes,
+)
 from embseg.vocab import (
     Vocabulary,
     combine_stuff_categories,
@@ -149,43 +155,26 @@ class _IndexedFile:
 def _index_file(path: Path) -> _IndexedFile:
     """Index, parse and check one LVIS/COCO-format file (EmbsegError naming file and item)."""
     path = Path(path)
-    index = index_json_file(path)
+    raw = read_file_bytes(path)
+    index = index_json_file(path, raw)
     for key in ("images", "annotations", "categories"):
         if key not in index.kinds:
             raise EmbsegError(f"{path}: not an LVIS/COCO annotation file (no '{key}')")
         if index.kinds[key] != "array":
             raise EmbsegError(f"{path}: not an LVIS/COCO annotation file ('{key}' is "
                               f"{_KIND_NAMES[index.kinds[key]]}, expected a list)")
-    with open(path, "rb") as handle, _mapped(handle) as data:
-        images = _parse_all(data, index, "images", path)
-        categories = validate_categories(_parse_all(data, index, "categories", path), str(path))
-        _check_images(path, images)
-        ids, image_ids, category_ids = _annotation_ids(data, index.arrays["annotations"], path)
+    data = memoryview(raw)  # slices of it are parsed without copies; freed with ``raw``
+    images = _parse_all(data, index, "images", path)
+    categories = validate_categories(_parse_all(data, index, "categories", path), str(path))
+    _check_images(path, images)
+    ids, image_ids, category_ids = _annotation_ids(data, index.arrays["annotations"], path)
+    del data, raw
     _check_annotations(path, ids, image_ids, category_ids,
                        np.array([img["id"] for img in images], dtype=np.int64),
                        np.array([cat["id"] for cat in categories], dtype=np.int64))
     return _IndexedFile(path=path, images=images, categories=categories,
                         spans=index.arrays["annotations"], ann_ids=ids,
                         ann_image_ids=image_ids, ann_category_ids=category_ids)
-
-
-class _mapped:
-    """The file's bytes as a read-only memoryview of a memory map (unmapped on exit)."""
-
-    def __init__(self, handle):
-        import mmap
-
-        size = os.fstat(handle.fileno()).st_size
-        self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-
-    def __enter__(self) -> memoryview:
-        self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
-        return self._view
-
-    def __exit__(self, *exc: object) -> None:
-        self._view.release()
-        if self._map is not None:
-            self._map.close()
 
 
 def _parse_all(data: memoryview, index: JsonIndex, key: str, path: Path) -> list:
@@ -198,25 +187,33 @@ def _parse_all(data: memoryview, index: JsonIndex, key: str, path: Path) -> list
 def _annotation_ids(data: memoryview, spans: ArraySpans,
                     path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """id, image_id and category_id of every annotation (each element parsed once, then
-    dropped: the segmentations are read again by the workers)."""
+    dropped: the segmentations are read again by the workers). The types are checked on the
+    collected columns; the first bad annotation is then found and named."""
     import orjson
 
     ids, image_ids, category_ids = [], [], []
-    for index, (offset, length) in enumerate(zip(spans.offsets.tolist(), spans.lengths.tolist(), strict=True)):
-        try:
-            ann = orjson.loads(data[offset:offset + length])
-        except orjson.JSONDecodeError:
-            parse_element(bytes(data[offset:offset + length]), path, f"annotation #{index}",
-                          offset)  # raises the one-line error
-            raise
-        if not isinstance(ann, dict) or not _is_int(ann.get("id")):
-            raise EmbsegError(f"{path}: annotation #{index} has no integer 'id'")
-        for key in ("image_id", "category_id"):
-            if not _is_int(ann.get(key)):
-                raise EmbsegError(f"{path}: annotation id {ann['id']} has no integer '{key}'")
-        ids.append(ann["id"])
-        image_ids.append(ann["image_id"])
-        category_ids.append(ann["category_id"])
+    loads = orjson.loads
+    offsets, lengths = spans.offsets.tolist(), spans.lengths.tolist()
+    try:
+        for offset, length in zip(offsets, lengths, strict=True):
+            ann = loads(data[offset:offset + length])
+            ids.append(ann.get("id"))
+            image_ids.append(ann.get("image_id"))
+            category_ids.append(ann.get("category_id"))
+    except (orjson.JSONDecodeError, AttributeError):
+        index = len(ids)
+        offset = offsets[index]
+        parse_element(bytes(data[offset:offset + lengths[index]]), path,  # names a JSON error
+                            f"annotation #{index}", offset)
+        raise EmbsegError(f"{path}: annotation #{index} has no integer 'id'") from None
+    if not all(set(map(type, column)) <= {int} for column in (ids, image_ids, category_ids)):
+        for index, (ann_id, image_id, category_id) in enumerate(
+                zip(ids, image_ids, category_ids, strict=True)):
+            if not _is_int(ann_id):
+                raise EmbsegError(f"{path}: annotation #{index} has no integer 'id'")
+            for key, value in (("image_id", image_id), ("category_id", category_id)):
+                if not _is_int(value):
+                    raise EmbsegError(f"{path}: annotation id {ann_id} has no integer '{key}'")
     as_array = lambda values: np.array(values, dtype=np.int64)  # noqa: E731
     return as_array(ids), as_array(image_ids), as_array(category_ids)
 

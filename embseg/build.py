@@ -173,6 +173,7 @@ class BuildReport:
     classes_path: Path | str
     input_hash: str
     failures: list[tuple[str, str]] = field(default_factory=list)  # (key, reason), first 20
+    worker_cpu_seconds: float = 0.0  # CPU time the shard tasks used (a load-proof speed)
 
     def summary(self) -> str:
         """The one-line result the CLI prints."""
@@ -443,6 +444,7 @@ class ShardDone:
     size: int
     stamp: str
     reused: bool = False
+    cpu_seconds: float = 0.0  # the worker's CPU time for this shard (0 when reused)
 
 
 def execute_plan(plan: BuildPlan, *, workers: int | None = None, ray_address: str | None = None,
@@ -460,8 +462,6 @@ def execute_plan(plan: BuildPlan, *, workers: int | None = None, ray_address: st
         _forget_split(folder, plan.split)
         _remove_stale_files(plan, folder)
         folder.write(plan.vocab.parquet_bytes(), CLASSES_NAME)
-        if not plan.from_cache:
-            _write_plan_cache(folder, plan)
         records: dict[int, ShardDone] = {}
         todo = []
         for shard in plan.shards:
@@ -575,6 +575,7 @@ def write_shard(work: ShardWork, target: ShardTarget,
 
     Images in ``crashed`` are recorded as failed with that reason without being processed.
     """
+    cpu_started = time.process_time()
     folder = OutputFolder(target.out)
     crashed = crashed or {}
     results: list[ImageResult] = []
@@ -630,7 +631,8 @@ def write_shard(work: ShardWork, target: ShardTarget,
         close = getattr(work, "close", None)
         if close is not None:
             close()
-    return ShardDone(name=target.name, rows=rows, size=size, stamp=stamp)
+    return ShardDone(name=target.name, rows=rows, size=size, stamp=stamp,
+                     cpu_seconds=time.process_time() - cpu_started)
 
 
 def _without_bytes(result: ImageResult) -> ImageResult:
@@ -744,7 +746,10 @@ def _finish(plan: BuildPlan, folder: OutputFolder, records: dict[int, ShardDone]
         manifest_path=folder.display(MANIFEST_NAME), classes_path=folder.display(CLASSES_NAME),
         input_hash=plan.input_hash,
         failures=[(keys[i].as_py(), reasons[i].as_py()) for i in failed],
+        worker_cpu_seconds=sum(r.cpu_seconds for r in records.values()),
     )
+    if not plan.from_cache:  # for the next build of these files (a killed build leaves none)
+        _write_plan_cache(folder, plan)
     _record_split(folder, report, plan)
     return report
 
@@ -884,9 +889,13 @@ def _split_lock(folder: OutputFolder, split: str) -> Iterator[None]:
 
 def cli_build(args: argparse.Namespace) -> int:
     """``embseg build``: 0 on success, 1 if images failed (unless --allow-failures)."""
+    from embseg.formats.source import source_from_args  # None for --format lvis
+
+    source = source_from_args(args)
     try:
         report = build_shards(
-            lvis=args.lvis, coco_stuff=list(args.coco_stuff), images=args.images, out=args.out,
+            source=source, lvis=args.lvis, coco_stuff=list(args.coco_stuff or []),
+            images=args.images, out=args.out,
             split=args.split, shard_size=args.shard_size, overlap=args.overlap,
             workers=args.workers, ray_address=args.ray_address,
             progress=not args.no_progress, allow_failures=args.allow_failures)

@@ -45,7 +45,7 @@ class PlannedImage:
     """
 
     key: str
-    image_id: int
+    image_id: int | None  # None where the dataset has no numeric id (a null in the manifest)
     file_name: str
     rel_path: str
     stat_paths: tuple[str, ...]

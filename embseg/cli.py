@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from embseg.errors import EmbsegError
+from embseg.formats import FORMAT_NAMES
 
 SHARDS_FORMS = ("a folder, a brace pattern (DIR/train-{000000..000099}.tar), pipe:COMMAND or a "
                 "URL (http(s)://, s3://, gs://); classes.parquet and manifest.parquet are read "
@@ -74,12 +75,14 @@ def _add_bad_sample_option(parser: argparse.ArgumentParser, default: str) -> Non
 
 
 def _add_annotation_options(parser: argparse.ArgumentParser, *, out_help: str,
-                            out_type: type = Path) -> None:
-    parser.add_argument("--lvis", type=Path, required=True,
-                        help="LVIS v1 annotation file (lvis_v1_train.json / lvis_v1_val.json)")
-    parser.add_argument("--coco-stuff", type=Path, action="append", required=True,
+                            out_type: type = Path, required: bool = True) -> None:
+    when = "" if required else " (default: none; required with --format lvis, unused otherwise)"
+    parser.add_argument("--lvis", type=Path, required=required,
+                        help="LVIS v1 annotation file (lvis_v1_train.json / lvis_v1_val.json)"
+                             + when)
+    parser.add_argument("--coco-stuff", type=Path, action="append", required=required,
                         help="COCO-Stuff annotation file (stuff_train2017.json ...); repeat "
-                             "the option for several files")
+                             "the option for several files" + when)
     parser.add_argument("--out", type=out_type, required=True, help=out_help)
 
 
@@ -98,16 +101,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "build", help="build WebDataset shards (label maps painted on Ray)",
                  target="embseg.build:cli_build")
-    _add_annotation_options(p, out_type=str,
+    p.add_argument("--format", default="lvis", choices=FORMAT_NAMES,
+                   help="the dataset's format: lvis = LVIS v1 + COCO-Stuff annotation files; "
+                        "ade20k, cityscapes, voc, coco-stuff-maps = that dataset's own folder "
+                        "layout under --images; labelmap = any folder of label PNGs "
+                        "(--labels, --classes); see docs/formats.md")
+    _add_annotation_options(p, out_type=str, required=False,
                             out_help="shard folder of this split (e.g. shards/train): "
                                      "*-NNNNNN.tar, classes.parquet, manifest.parquet; or an "
                                      "fsspec URL such as s3://bucket/prefix. On a Ray cluster "
                                      "a folder must be on a file system every node shares")
     p.add_argument("--images", type=Path, required=True,
-                   help="images root: the folder holding train2017/, val2017/ (the paths "
-                        "of the annotations' coco_url / file_name are resolved under it)")
+                   help="lvis: the images root, holding train2017/, val2017/ (the "
+                        "annotations' coco_url / file_name are resolved under it); ade20k: "
+                        "ADEChallengeData2016; cityscapes: the folder of leftImg8bit/ and "
+                        "gtFine/; voc: VOCdevkit/VOC2012; coco-stuff-maps: the folder of "
+                        "train2017/ and stuffthingmaps_trainval2017/; labelmap: the images")
     p.add_argument("--split", default="train",
-                   help="split name: names the shards (<split>-NNNNNN.tar) and their records")
+                   help="split name: names the shards (<split>-NNNNNN.tar) and their records; "
+                        "for the other formats the dataset's own split (ade20k: training, "
+                        "validation; cityscapes, voc: train, val; coco-stuff-maps: train2017, "
+                        "val2017; labelmap: any name)")
+    p.add_argument("--labels", type=Path, default=None,
+                   help="--format labelmap: the folder of label PNGs, paired with the images "
+                        "by file stem (default: none; required with labelmap)")
+    p.add_argument("--classes", type=Path, default=None,
+                   help="--format labelmap: the class list, one name per line (the n-th is "
+                        "value n) or 'VALUE NAME' lines (default: none; required with "
+                        "labelmap)")
+    p.add_argument("--unlabelled", type=int, default=None,
+                   help="--format labelmap: the label value that is no class (default: 255)")
     p.add_argument("--shard-size", type=int, default=1000,
                    help="images per shard; smaller shards spread a small dataset over more "
                         "loader workers, larger ones mean fewer files")
@@ -239,7 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
                                       "truth | prediction) with legends",
                  target="embseg.predict:cli_predict")
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint to predict with")
-    p.add_argument("images", type=Path, nargs="+", help="image files (JPEG, PNG, ...)")
+    p.add_argument("images", type=Path, nargs="*",
+                   help="image files (JPEG, PNG, ...); or give --shards instead")
+    p.add_argument("--shards", default=None,
+                   help="predict on the first --count samples of these shards, with their "
+                        f"ground truth in the pictures: {SHARDS_FORMS} (default: the image "
+                        "files given)")
+    p.add_argument("--count", type=int, default=4, help="samples to predict with --shards")
     p.add_argument("--out", type=Path, required=True,
                    help="folder for the pictures and predictions.json")
     _add_device_option(p)
@@ -255,12 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write the JSON results (default: OUT/bench.json)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"),
                    help="folder for bench.json, bench.md and memory_vs_classes.png")
-    p.add_argument("--parts", default="memory,loss,build,loader",
+    p.add_argument("--parts", default="memory,loss,search,build,loader",
                    help="comma-separated parts to run")
     p.add_argument("--shards", default=None,
                    help="the loader part reads these shards (your own data) instead of the "
                         f"build part's synthetic ones: {SHARDS_FORMS} (default: the synthetic "
                         "ones)")
+    p.add_argument("--images", type=int, default=None,
+                   help="images of the build-scale part's LVIS-train-like set; the annotation "
+                        "counts scale with it (default: 100,170, LVIS v1 train)")
 
     p = _command(sub, "gpu-check", help="train on a CUDA device: the demo configuration and "
                                         "the paper's setting, checked against the CPU",

@@ -28,8 +28,6 @@ from embseg.fileio import write_atomically, write_text_atomically
 from embseg.metrics import MetricResult, SegmentationMetrics
 from embseg.vocab import Vocabulary
 
-GROUP_NAMES = ("rare", "common", "frequent", "stuff")
-
 
 def resolve_device(name: str) -> torch.device:
     """``torch.device`` for ``cpu``/``cuda``; EmbsegError when CUDA is asked for but absent."""
@@ -72,8 +70,10 @@ def _finite(value: float) -> float | None:
 class EvalReport:
     """Evaluation figures, the per-class table and what was evaluated.
 
-    ``group_miou`` holds the mIoU over LVIS ``rare``/``common``/``frequent`` and ``stuff``
-    classes (NaN when no class of the group is present). ``per_class`` has one dict per class:
+    ``group_miou`` holds the mIoU over each group of :meth:`Vocabulary.groups` (LVIS
+    ``rare``/``common``/``frequent`` and ``stuff``; another dataset's own groups, e.g. the
+    Cityscapes categories; none for a table without groups), NaN when no class of the group
+    is present. ``per_class`` has one dict per class:
     id, name, group, iou (NaN when absent from prediction and ground truth), accuracy and the
     pixel counts.
     """
@@ -131,16 +131,15 @@ class EvalReport:
                  f"| mIoU | {pct(self.miou)} |", f"| pixel accuracy | {pct(self.pixel_accuracy)} |",
                  f"| mean class accuracy | {pct(self.mean_class_accuracy)} |",
                  f"| frequency-weighted IoU | {pct(self.fw_iou)} |",
-                 f"| images | {self.n_images} |", f"| bad samples skipped | {self.n_bad_samples} |",
-                 "", "| group | mIoU | classes present |", "| --- | --- | --- |"]
+                 f"| images | {self.n_images} |", f"| bad samples skipped | {self.n_bad_samples} |"]
+        if self.group_miou:
+            lines += ["", "| group | mIoU | classes present |", "| --- | --- | --- |"]
         present_by_group: dict[str, int] = {}
         for row in self.present_classes():
             if row["group"]:
                 present_by_group[row["group"]] = present_by_group.get(row["group"], 0) + 1
-        for name in GROUP_NAMES:
-            if name in self.group_miou:
-                lines.append(f"| {name} | {pct(self.group_miou[name])} | "
-                             f"{present_by_group.get(name, 0)} |")
+        for name, miou in self.group_miou.items():
+            lines.append(f"| {name} | {pct(miou)} | {present_by_group.get(name, 0)} |")
         ranked = self.ranked_classes()
         worst = ranked[::-1][:max(0, min(top, len(ranked) - top))]  # never a best one again
         lines += ["", f"Best and worst of the {len(ranked)} classes with ground-truth pixels "

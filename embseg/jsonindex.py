@@ -2,7 +2,8 @@
 
 Why: an LVIS train file is 1.2 GB of JSON; ``json.load`` turns it into ~10 GB of Python
 objects and takes minutes. The build needs per-image records, not the objects: here one
-compiled pass over the file's bytes (memory-mapped) finds, for each top-level key whose value
+compiled pass over the file's bytes (read once as plain bytes; no memory map, whose close
+fails while any view of it lives) finds, for each top-level key whose value
 is an array (``images``, ``annotations``, ``categories``), the byte span of every element, and
 a 64-bit FNV-1a hash of each element's bytes that skips whitespace outside strings (so a file
 re-written with other separators gives the same hashes). Elements are then parsed one at a
@@ -15,7 +16,6 @@ of each element is checked by the parser that reads it.
 
 from __future__ import annotations
 
-import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,29 +260,34 @@ class JsonIndex:
 _KIND = {91: "array", 123: "object", 34: "string", 116: "true", 102: "false", 110: "null"}
 
 
-def index_json_file(path: Path) -> JsonIndex:
-    """Scan ``path`` (see the module docstring); EmbsegError naming the file if unusable."""
+def read_file_bytes(path: Path) -> bytes:
+    """The whole file (EmbsegError naming it when it is missing, not a file, unreadable or
+    empty). Plain bytes, not a memory map: views of them can outlive any scope safely."""
     path = Path(path)
     if not path.exists():
         raise EmbsegError(f"{path}: file not found")
     if not path.is_file():
         raise EmbsegError(f"{path}: not a file")
     try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size == 0:
-                raise EmbsegError(f"{path}: file is empty")
-            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                data = np.frombuffer(mapped, dtype=np.uint8)
-                try:
-                    code, position, keys, elems, hashes = _scan(data)
-                    where = _line_column(data, position) if code not in (_OK, _EMPTY) else ""
-                finally:
-                    del data  # the map cannot close while a view of it lives
-                kind = _top_level_kind(bytes(mapped[position:position + 1]))
-                names = [bytes(mapped[int(k[0]):int(k[1])]) for k in keys]
+        data = path.read_bytes()
     except OSError as exc:
         raise EmbsegError(f"{path}: cannot read ({' '.join(str(exc).split())})") from exc
+    if not data:
+        raise EmbsegError(f"{path}: file is empty")
+    return data
+
+
+def index_json_file(path: Path, data: bytes | None = None) -> JsonIndex:
+    """Scan ``path`` (or its bytes ``data``, already read; see the module docstring);
+    EmbsegError naming the file if unusable."""
+    path = Path(path)
+    if data is None:
+        data = read_file_bytes(path)
+    array = np.frombuffer(data, dtype=np.uint8)
+    code, position, keys, elems, hashes = _scan(array)
+    where = _line_column(array, position) if code not in (_OK, _EMPTY) else ""
+    kind = _top_level_kind(data[position:position + 1])
+    names = [data[int(k[0]):int(k[1])] for k in keys]
     if code == _NOT_OBJECT:
         raise EmbsegError(f"{path}: not an LVIS/COCO annotation file (top level is {kind}, "
                           "expected an object)")

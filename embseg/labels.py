@@ -56,7 +56,7 @@ ClassRuns = tuple[int, np.ndarray]  # (class id, COCO run lengths, column-major)
 class ImageResult:
     """Outcome of one image: the shard sample when ``status == "ok"``, else the reason."""
 
-    image_id: int
+    image_id: int | None  # None where the dataset has no numeric id (embseg.formats)
     key: str
     status: str
     reason: str = ""
@@ -178,6 +178,9 @@ def decode_label_png(data: bytes) -> np.ndarray:
 
 # --- segmentation checks (before the official decoders see the data) -------------------------
 
+_NUMBER_TYPES = {int, float}  # exact types: a bool is not a coordinate
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -186,7 +189,7 @@ def _check_polygons(ann_id: object, polygons: list, height: int, width: int) -> 
     if not polygons:
         raise ItemFailure(f"annotation {ann_id}: segmentation is an empty polygon list")
     for polygon in polygons:
-        if not isinstance(polygon, list) or not all(_is_number(v) for v in polygon):
+        if not isinstance(polygon, list) or not set(map(type, polygon)) <= _NUMBER_TYPES:
             raise ItemFailure(f"annotation {ann_id}: polygon is not a list of numbers")
         if len(polygon) < 6:
             raise ItemFailure(f"annotation {ann_id}: polygon with fewer than 3 points "

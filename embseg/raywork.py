@@ -54,17 +54,20 @@ class RayRuntime:
 def ray_runtime(*, workers: int | None = None,
                 ray_address: str | None = None) -> Iterator[RayRuntime]:
     """A usable Ray for the ``with`` block (see the module docstring for which one)."""
-    import ray
-
-    if ray.is_initialized():
-        yield RayRuntime(cpus=_cluster_cpus(ray), started_here=False, address=None,
-                         nodes=_alive_nodes(ray))
+    imported = sys.modules.get("ray")  # a Ray that is running was imported already
+    if imported is not None and imported.is_initialized():
+        yield RayRuntime(cpus=_cluster_cpus(imported), started_here=False, address=None,
+                         nodes=_alive_nodes(imported))
         return
     if workers is not None and workers < 1:
         raise EmbsegError(f"--workers must be at least 1 (got {workers})")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # the reaper first: importing Ray takes seconds on a loaded machine, and a driver killed
+    # meanwhile must still leave nothing behind
     reaper = _Reaper.start() if ray_address is None and _has_proc() else None
     try:
+        import ray
+
         _init_ray(ray, workers=workers, ray_address=ray_address)
         if reaper is not None:
             reaper.set_roots(_ray_children(reaper))

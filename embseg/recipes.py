@@ -23,9 +23,12 @@ import difflib
 import math
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from embseg.errors import EmbsegError
+
+if TYPE_CHECKING:
+    from embseg.train import TrainConfig
 
 NOT_RECIPE_KEYS = ("shards", "out", "resume")
 """TrainConfig fields a recipe cannot set: the data, the run folder and what to do with it."""
@@ -113,7 +116,7 @@ def layered_settings(*, given: dict[str, Any], recipe: Path | None = None,
             **given}
 
 
-def config_from_args(args: Any) -> Any:
+def config_from_args(args: Any) -> TrainConfig:
     """The TrainConfig of parsed ``embseg train`` options: flags the user typed (the
     parser's ``_given`` set) override ``--config``'s file, which overrides the defaults.
 

@@ -21,7 +21,6 @@ once per epoch, before its shuffle buffer (which spreads the copies apart).
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -32,7 +31,8 @@ from embseg.errors import EmbsegError
 REPEAT_INDEX = "__repeat__"
 """Key of a repeated sample's copy number (0 for the first copy) in the sample dict."""
 
-_MANIFEST_COLUMNS = ("key", "status", "class_ids")
+MANIFEST_COLUMNS = ("key", "status", "class_ids")
+"""The manifest columns repeat-factor sampling reads."""
 
 
 def class_image_fractions(class_lists: Sequence[Iterable[int]]) -> dict[int, float]:
@@ -66,42 +66,45 @@ def _check_threshold(threshold: float) -> None:
         raise EmbsegError(f"repeat threshold must be a number > 0, not {threshold!r}")
 
 
-def repeat_factors(manifest: Path | str, threshold: float, *,
-                   data: bytes | None = None) -> dict[str, float]:
+def repeat_factors(manifest: Path, threshold: float) -> dict[str, float]:
     """Sample key -> repeat factor for every ``ok`` row of ``manifest.parquet``.
 
     ``f(c)`` counts over those rows (the images the shards hold), from their ``class_ids``
-    lists; nothing is decoded. ``data``: the file's bytes when it was read elsewhere (a URL
-    beside remote shards); ``manifest`` then only names it. Raises EmbsegError naming the file
-    when it is missing, unreadable, lacks a column, or lists a key twice.
+    lists; nothing is decoded. Raises EmbsegError naming the file when it is missing,
+    unreadable, lacks a column, or lists a key twice.
     """
     _check_threshold(threshold)
-    if data is None:
-        manifest = Path(manifest)
-        if not manifest.is_file():
-            raise EmbsegError(f"{manifest}: manifest missing; repeat-factor sampling plans from "
-                              "its per-image class lists (build the shards with `embseg build`)")
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise EmbsegError(f"{manifest}: manifest missing; repeat-factor sampling plans from its "
+                          "per-image class lists (build the shards with `embseg build`)")
     import pyarrow.parquet as pq
 
-    def source() -> Path | io.BytesIO:
-        return manifest if data is None else io.BytesIO(data)
-
     try:
-        names = pq.read_schema(source()).names
+        names = pq.read_schema(manifest).names
     except Exception as exc:
         raise EmbsegError(f"{manifest}: manifest unreadable ({exc})") from None
-    missing = [column for column in _MANIFEST_COLUMNS if column not in names]
+    missing = [column for column in MANIFEST_COLUMNS if column not in names]
     if missing:
         raise EmbsegError(f"{manifest}: manifest has no column {missing[0]!r} (needed for "
                           "repeat-factor sampling; rebuild the shards with `embseg build`)")
-    rows = pq.read_table(source(), columns=list(_MANIFEST_COLUMNS)).to_pylist()
+    rows = pq.read_table(manifest, columns=list(MANIFEST_COLUMNS)).to_pylist()
+    return repeat_factors_of_rows(rows, threshold, source=str(manifest))
+
+
+def repeat_factors_of_rows(rows: Iterable[dict[str, Any]], threshold: float, *,
+                           source: str) -> dict[str, float]:
+    """:func:`repeat_factors` of manifest rows already read (dicts with at least
+    :data:`MANIFEST_COLUMNS`), e.g. from a manifest beside shards at a URL; ``source`` names
+    it in errors."""
+    _check_threshold(threshold)
     images: dict[str, list[int]] = {}
     for row in rows:
         if row["status"] != "ok":
             continue
         key = str(row["key"])
         if key in images:
-            raise EmbsegError(f"{manifest}: key {key}: listed twice among the ok rows")
+            raise EmbsegError(f"{source}: key {key}: listed twice among the ok rows")
         images[key] = [int(c) for c in row["class_ids"] or []]
     fractions = class_image_fractions(list(images.values()))
     class_factors = {c: class_repeat_factor(f, threshold) for c, f in fractions.items()}

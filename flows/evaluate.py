@@ -1,7 +1,8 @@
 """``evaluate``: mIoU of a checkpoint on shards (``embseg.evaluate.evaluate``) as a tracked stage.
 
 Publishes the mIoU table as a markdown artifact (key ``evaluation-report``): overall figures,
-mIoU of the LVIS rare / common / frequent groups and of stuff, best and worst classes. The
+mIoU of each class group of the shards' dataset (LVIS: rare / common / frequent and stuff; other
+datasets: their own, e.g. the Cityscapes categories), best and worst classes. The
 per-class table (Parquet + CSV) and ``summary.json`` are written to ``out`` (default: an
 ``eval-<shards folder>`` folder beside the checkpoint).
 """

@@ -32,6 +32,8 @@ from embseg.build import (
     plan_build,
 )
 from embseg.errors import EmbsegError
+from embseg.formats import LVIS
+from embseg.formats.source import FormatSource
 from embseg.raywork import ray_runtime
 from embseg.vocab import Vocabulary, build_vocabulary, summary_line
 from flows._common import markdown_table, retry_unless_bad_input
@@ -40,10 +42,13 @@ HEAD_TAIL_CLASSES = 10
 
 
 class SplitSource(BaseModel):
-    """The annotation files of one split (``split`` names the output folder and shard files)."""
+    """One split: its name (the output folder and shard files) and, for the lvis format, its
+    annotation files. The other formats (``format`` of the flow) need only the split name, the
+    dataset's own (e.g. ``training`` for ADE20K)."""
 
     split: str = Field(description="split name, e.g. train or val")
-    lvis: Path = Field(description="LVIS v1 annotation file of the split")
+    lvis: Path | None = Field(default=None, description="LVIS v1 annotation file of the split "
+                                                        "(format lvis only)")
     coco_stuff: list[Path] = Field(default_factory=list,
                                    description="COCO-Stuff annotation file(s) of the split")
 
@@ -59,12 +64,19 @@ def vocabulary_task(source: SplitSource) -> Vocabulary:
 @task(name="plan", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_bad_input)
 def plan_task(source: SplitSource, *, images: Path, out: Path, shard_size: int,
-              overlap: str) -> BuildPlan:
-    """Parse the split's annotations, list its images and hash the inputs (nothing written)."""
-    plan = plan_build(lvis=source.lvis, coco_stuff=list(source.coco_stuff), images=images,
-                      out=out, split=source.split, shard_size=shard_size, overlap=overlap)
-    get_run_logger().info("plan %s: %d images in %d shards, input hash %s", source.split,
-                          plan.n_images, len(plan.shards), plan.input_hash[:16])
+              overlap: str, format: str = LVIS, labelmap: dict | None = None) -> BuildPlan:
+    """Parse the split's annotations (or list the dataset's folders for another ``format``),
+    list its images and hash the inputs (nothing written)."""
+    build_source = None if format == LVIS else FormatSource(
+        format, images=images, split=source.split, **(labelmap or {}))
+    plan = plan_build(source=build_source, lvis=source.lvis, coco_stuff=list(source.coco_stuff),
+                      images=images, out=out, split=source.split, shard_size=shard_size,
+                      overlap=overlap)
+    logger = get_run_logger()
+    if build_source is not None:
+        logger.info("vocabulary (%s): %s", format, summary_line(plan.vocab))
+    logger.info("plan %s: %d images in %d shards, input hash %s", source.split,
+                plan.n_images, len(plan.shards), plan.input_hash[:16])
     return plan
 
 
@@ -185,9 +197,21 @@ def _up_to_date(plan: BuildPlan, out: Path, *, force: bool) -> bool:
 def _check_same_vocabulary(plan: BuildPlan, vocab: Vocabulary, reference: SplitSource) -> None:
     """Every split must share the vocabulary: a model is only scored on its own class table."""
     if plan.vocab.content_hash() != vocab.content_hash():
-        raise EmbsegError(f"{plan.source_files[0]}: split {plan.split!r} gives a different "
+        where = plan.source_files[0] if plan.source_files else plan.source_kind
+        raise EmbsegError(f"{where}: split {plan.split!r} gives a different "
                           f"vocabulary ({plan.vocab.num_classes} classes) than "
-                          f"{reference.lvis} ({vocab.num_classes} classes)")
+                          f"{reference.lvis or reference.split} ({vocab.num_classes} classes)")
+
+
+def _check_format(splits: list[SplitSource], format: str) -> None:
+    if format == LVIS:
+        missing = [s.split for s in splits if s.lvis is None]
+        if missing:
+            raise EmbsegError(f"dataset-rebuild: format lvis needs an lvis file for every split; "
+                              f"{', '.join(missing)} has none")
+    elif any(s.lvis is not None or s.coco_stuff for s in splits):
+        raise EmbsegError(f"dataset-rebuild: lvis / coco_stuff files are for format lvis, not "
+                          f"{format}")
 
 
 @flow(name="dataset-rebuild", log_prints=True)
@@ -201,6 +225,10 @@ def dataset_rebuild(
     force: bool = False,
     overlap: str = "first",
     allow_failures: bool = False,
+    format: str = LVIS,
+    labels: Path | None = None,
+    classes: Path | None = None,
+    unlabelled: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Build (or confirm up to date) the shards of every split; returns a summary per split.
 
@@ -210,18 +238,29 @@ def dataset_rebuild(
     ``ray://host:10001``); otherwise a local Ray with ``workers`` CPUs (default: all) is used.
     Images that fail are recorded in the manifest; unless ``allow_failures`` the run then fails
     after publishing its report.
+
+    ``format`` other than ``lvis`` (ade20k, cityscapes, voc, coco-stuff-maps, labelmap; see
+    docs/formats.md) reads that dataset's own layout under ``images``, one split per entry of
+    ``splits`` (``[{"split": "training"}, {"split": "validation"}]``); ``labels``, ``classes``
+    and ``unlabelled`` are the labelmap format's label folder, class list and unlabelled value
+    (its folders are one split: give one entry in ``splits``).
     """
     if not splits:
         raise EmbsegError("dataset-rebuild: no splits given")
     names = [s.split for s in splits]
     if len(set(names)) != len(names):
         raise EmbsegError(f"dataset-rebuild: split names repeat: {names}")
-    vocab = vocabulary_task(splits[0])
+    _check_format(splits, format)
+    vocab = vocabulary_task(splits[0]) if format == LVIS else None
+    labelmap = ({"labels": labels, "classes": classes, "unlabelled": unlabelled}
+                if format == "labelmap" else None)
     outs = {source.split: Path(out) / source.split for source in splits}
     plans: dict[str, BuildPlan] = {}
     for source in splits:
         plans[source.split] = plan_task(source, images=Path(images), out=outs[source.split],
-                                        shard_size=shard_size, overlap=overlap)
+                                        shard_size=shard_size, overlap=overlap, format=format,
+                                        labelmap=labelmap)
+        vocab = vocab or plans[source.split].vocab  # formats: the first split's table
         _check_same_vocabulary(plans[source.split], vocab, splits[0])
     stale = [plan for plan in plans.values() if not _up_to_date(plan, plan.out, force=force)]
     for name in sorted(plans.keys() - {plan.split for plan in stale}):

@@ -194,7 +194,7 @@ def test_bench_refuses_unknown_parts_and_a_loader_without_shards(tmp_path, capsy
 
     out = str(tmp_path / "out")
     assert main(["bench", "--parts", "memory,speed", "--out", out]) == 2
-    assert "unknown part(s) speed; choose from memory, loss, build, loader" in \
+    assert "unknown part(s) speed; choose from memory, loss, search, build, loader" in \
         capsys.readouterr().err
     assert main(["bench", "--parts", "loader", "--out", out]) == 2
     assert "add build to --parts or give --shards DIR" in capsys.readouterr().err

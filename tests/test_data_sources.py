@@ -169,6 +169,10 @@ def test_train_a_few_steps_and_evaluate_from_http(local, served, tmp_path):
     assert main(["eval", "--checkpoint", str(result.last_checkpoint), "--shards",
                  served.url, "--out", str(tmp_path / "eval")]) == 0
     assert (tmp_path / "eval" / "per_class.csv").exists()
+    from embseg.predict import predict_shards
+
+    pictures = predict_shards(result.last_checkpoint, served.url, tmp_path / "pred", count=2)
+    assert [p["key"] for p in pictures] == KEYS[:2]  # with ground truth from the HTTP shards
 
 
 def test_http_faults_name_the_url_and_the_key(local, served):

@@ -23,6 +23,7 @@ from embseg.sampling import (
     epoch_repeats,
     image_repeat_factor,
     repeat_factors,
+    repeat_factors_of_rows,
     repeat_samples,
 )
 
@@ -80,6 +81,9 @@ def test_repeat_factors_match_an_independent_computation(tmp_path):
         want = _reference_factors(rows, t)
         assert got.keys() == want.keys()
         assert [got[k] for k in want] == pytest.approx([want[k] for k in want], rel=1e-12)
+        # the same from rows already read (a manifest beside shards at a URL)
+        rows_read = [{"key": k, "status": st, "class_ids": c} for k, st, c in rows]
+        assert repeat_factors_of_rows(rows_read, t, source="remote") == got
     assert max(repeat_factors(manifest, 0.3).values()) > 5  # the tail is repeated
 
 

@@ -13,8 +13,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from shardutil import colour_sample, make_vocabulary, write_shards
 
 from embseg.checkpoint import (
@@ -130,6 +132,65 @@ def test_metrics_rows_and_checkpoint_contents(reference_run):
     assert torch.load(previous_path(reference_run / "last.pt"), weights_only=True)["step"] == 4
     best = torch.load(reference_run / "best.pt", weights_only=True)
     assert best["step"] in (4, 8)
+
+
+def test_progress_hook_and_curves_of_a_resumed_run(shards, reference_run, tmp_path):
+    """The hook sees the start (at the resumed step), every step, the evaluation and the end,
+    with the figures metrics.jsonl holds; curves.png is written beside it."""
+    from embseg.train import TrainProgress
+
+    run = tmp_path / "resumed"
+    _resume_copy(reference_run, run, "last.prev.pt")  # the step-4 checkpoint
+    events: list[TrainProgress] = []
+    result = train(_config(shards, run, resume=True), progress=events.append)
+    train_loss = {row["step"]: row["loss"] for row in _rows(run, "train")}
+    (val,) = [row["val_miou"] for row in _rows(run, "eval") if row["step"] == 8]
+    assert [(e.event, e.step) for e in events] == [
+        ("start", 4), ("step", 5), ("step", 6), ("step", 7), ("step", 8), ("eval", 8), ("end", 8)]
+    assert [e.loss for e in events] == [train_loss[e.step] for e in events]
+    assert all(e.steps == 8 and e.run_dir == run for e in events)
+    assert [e.fraction for e in events][:2] == [0.5, 0.625] and events[-1].fraction == 1.0
+    step4 = next(r["val_miou"] for r in _rows(reference_run, "eval") if r["step"] == 4)
+    assert events[0].val_miou == pytest.approx(step4)  # the checkpoint's last evaluation
+    assert events[-2].val_miou == events[-1].val_miou == pytest.approx(val)
+    assert result.curves == run / "curves.png"
+    with Image.open(result.curves) as picture:
+        assert picture.format == "PNG" and picture.text["Source"] == str(run / "metrics.jsonl")
+        assert json.loads(picture.text["Description"]) == {"loss_points": 8,
+                                                           "val_miou_points": 2}
+
+
+def _colour_pixels(picture: np.ndarray, hex_colour: str, tolerance: int = 40) -> int:
+    rgb = np.array([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(picture[..., :3].astype(int) - rgb).sum(-1) < tolerance).sum())
+
+
+def test_curves_png_from_a_metrics_file(tmp_path):
+    from embseg.curves import LOSS_COLOUR, MIOU_COLOUR, write_curves
+    from embseg.train import MetricsLog
+
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"kind": "train", "step": s, "loss": 3.0 / s} for s in range(1, 11)]
+    rows.insert(5, {"kind": "eval", "step": 5, "val_miou": 0.125})
+    rows += [{"kind": "eval", "step": 10, "val_miou": 0.25},
+             {"kind": "eval", "step": 11, "val_miou": None}]  # an evaluation with no classes
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "tra')  # cut line
+    curves = write_curves(MetricsLog(metrics).rows(), tmp_path / "curves.png", source=str(metrics))
+    assert curves.loss_steps == list(range(1, 11))
+    assert curves.losses == pytest.approx([3.0 / s for s in range(1, 11)])
+    assert (curves.eval_steps, curves.val_miou_percent) == ([5, 10], [12.5, 25.0])
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(tmp_path / "curves.png") as picture:
+        assert picture.size == (700, 550) and picture.text["Source"] == str(metrics)
+        pixels = np.asarray(picture.convert("RGB"))
+    top, bottom = pixels[:275], pixels[275:]
+    assert _colour_pixels(top, LOSS_COLOUR) > 100 and _colour_pixels(bottom, LOSS_COLOUR) == 0
+    assert _colour_pixels(bottom, MIOU_COLOUR) > 100 and _colour_pixels(top, MIOU_COLOUR) == 0
+    # without evaluations: the loss panel only, no mIoU line
+    write_curves(rows[:5], tmp_path / "loss-only.png", source=str(metrics))
+    with Image.open(tmp_path / "loss-only.png") as picture:
+        pixels = np.asarray(picture.convert("RGB"))
+    assert _colour_pixels(pixels, MIOU_COLOUR) == 0 and _colour_pixels(pixels, LOSS_COLOUR) > 50
 
 
 def _tag_rows(metrics: Path) -> list[dict]:

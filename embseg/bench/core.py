@@ -60,6 +60,7 @@ class BenchSettings:
     build_images: int = 200
     build_size: int = 128
     build_rounds: int = 3
+    build_scale_images: int = 100_170  # build-scale part: LVIS v1 train's image count
     loader_images: int = 200
     loader_rounds: int = 3
     cpu_memory_cap_gib: float = 8.0
@@ -68,6 +69,12 @@ class BenchSettings:
     step_measure_seconds: float | None = None  # None: MEASURE_SECONDS (training-step table)
     step_pair_classes: tuple[int, int] = (21, 1284)  # the step-time goal's two class counts
     step_pair_rounds: int = 7
+    search_classes: tuple[int, ...] = (1284, 10_000)  # the search part: knn_classes vs faiss
+    search_pixels: int = 32_768
+    search_dim: int = 32
+    search_k: int = 8
+    search_calls: int = 5  # timed calls per point, after a warm-up call
+    search_rounds: int = 2  # points per side and C, the leading side alternating
     notes: list[str] = field(default_factory=list)
 
 
@@ -75,7 +82,9 @@ def settings_for(*, quick: bool, gpu_sizes: bool, device: str) -> BenchSettings:
     """The benchmark sizes for the flags given (see ``embseg bench --help``)."""
     if gpu_sizes:
         steps = [StepSetting("resnet50", 16, 513), StepSetting("resnet101", 16, 513)]
-        return BenchSettings(device=device, steps=steps, loss_pixels=(16, 513, 513))
+        # the search at the paper's step: every pixel of 16 crops of 513 x 513
+        return BenchSettings(device=device, steps=steps, loss_pixels=(16, 513, 513),
+                             search_pixels=16 * 513 * 513)
     if quick:
         # ResNet-50 (the paper's backbone, random weights) at 2 x 128 x 128 on 2 CPU cores:
         # the tiny CPU backbone's activations are so small that the process baseline
@@ -127,9 +136,14 @@ def settings_record(settings: BenchSettings, *, quick: bool, gpu_sizes: bool
                               "forked from a server that imported torch once"),
             "build_images": settings.build_images, "build_image_size_px": settings.build_size,
             "build_rounds": settings.build_rounds,
+            "build_scale_images": settings.build_scale_images,
             "loader_images": settings.loader_images, "loader_rounds": settings.loader_rounds,
             "step_pair_classes": list(settings.step_pair_classes),
-            "step_pair_rounds": settings.step_pair_rounds}
+            "step_pair_rounds": settings.step_pair_rounds,
+            "search_classes": list(settings.search_classes),
+            "search_pixels": settings.search_pixels, "search_dim": settings.search_dim,
+            "search_k": settings.search_k, "search_calls": settings.search_calls,
+            "search_rounds": settings.search_rounds}
 
 
 def software_versions() -> dict[str, str | None]:
@@ -141,7 +155,7 @@ def software_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {"python": platform.python_version(),
                                        "torch": torch.__version__,
                                        "cuda": torch.version.cuda}
-    for package in ("numpy", "numba", "pillow"):
+    for package in ("numpy", "numba", "pillow", "faiss-cpu"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

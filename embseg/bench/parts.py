@@ -13,14 +13,17 @@ from typing import Any
 
 from embseg.bench.core import Part
 
-PART_MODULES = ("memory", "loss", "build", "loader")
-"""The parts, in the order a run runs them and its report lists them."""
+PART_MODULES = ("memory", "loss", "search", "build", "loader", "build_scale")
+"""The parts' modules, in the order a run runs them and its report lists them."""
 
-REGISTRY: dict[str, Part] = {name: import_module(f"embseg.bench.{name}").PART
-                             for name in PART_MODULES}
+REGISTRY: dict[str, Part] = {part.name: part for part in (
+    import_module(f"embseg.bench.{module}").PART for module in PART_MODULES)}
+"""The parts by their ``--parts`` name (a module's name, or ``build-scale``)."""
 
 PARTS = tuple(REGISTRY)
-"""The parts of a run: training step (with the step-time pair), loss alone, build, loader."""
+"""The parts of a run: training step (with the step-time pair), loss alone, the loss's
+nearest-class search against faiss, build, loader, and the LVIS-sized build (``build-scale``,
+only when asked for)."""
 
 
 def point_kinds() -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:

@@ -49,7 +49,7 @@ def check_parts(parts: tuple[str, ...], shards: str | Path | None) -> None:
 
 def run_bench(*, quick: bool, gpu_sizes: bool, out: Path, json_path: Path | None,
               parts: tuple[str, ...] = PARTS, shards: str | Path | None = None,
-              log=print) -> dict[str, Any]:
+              scale_images: int | None = None, log=print) -> dict[str, Any]:
     """Run the chosen parts, in registry order, and write JSON, markdown and (with the memory
     part) the memory plot under ``out``. ``shards``: the loader reads these (the user's own
     data) instead of the build part's synthetic shards."""
@@ -62,6 +62,12 @@ def run_bench(*, quick: bool, gpu_sizes: bool, out: Path, json_path: Path | None
 
         raise EmbsegError("--gpu-sizes needs a CUDA GPU; none is visible to torch")
     settings = settings_for(quick=quick, gpu_sizes=gpu_sizes, device=device)
+    if scale_images is not None:
+        if scale_images < 1:
+            from embseg.errors import EmbsegError
+
+            raise EmbsegError(f"--images must be at least 1 (got {scale_images})")
+        settings.build_scale_images = scale_images
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     result: dict[str, Any] = {"device": device_name(device),
@@ -109,7 +115,8 @@ def cli_bench(args: argparse.Namespace) -> int:
     when a point failed with an error other than running out of memory."""
     parts = tuple(part.strip() for part in args.parts.split(",") if part.strip())
     result = run_bench(quick=args.quick, gpu_sizes=args.gpu_sizes, out=args.out,
-                       json_path=args.json, parts=parts, shards=args.shards)
+                       json_path=args.json, parts=parts, shards=args.shards,
+                       scale_images=args.images)
     print()
     print(to_markdown(result))
     written = [args.json or args.out / "bench.json", args.out / "bench.md"]

@@ -13,6 +13,7 @@ worker-to-stream mapping by the resume step.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,7 +35,13 @@ from embseg.data.sources import (
 )
 from embseg.data.streams import check_policy, epoch_items, key_number, seed_sequence, stack
 from embseg.errors import EmbsegError
-from embseg.sampling import REPEAT_INDEX, describe_factors, repeat_factors
+from embseg.sampling import (
+    MANIFEST_COLUMNS,
+    REPEAT_INDEX,
+    describe_factors,
+    repeat_factors,
+    repeat_factors_of_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -227,14 +234,32 @@ def _planned_repeats(source: ShardSource, threshold: float | None) -> dict[str, 
     if is_local(location):
         factors = repeat_factors(Path(location), threshold)
     else:
-        try:
-            data = read_beside(source, MANIFEST_FILE)
-        except EmbsegError as exc:
-            raise EmbsegError(f"{exc}; repeat-factor sampling plans from its per-image class "
-                              f"lists") from None
-        factors = repeat_factors(location, threshold, data=data)
+        factors = repeat_factors_of_rows(_remote_manifest_rows(source, location), threshold,
+                                         source=location)
     log.info("%s: %s", source.spec, describe_factors(factors, threshold))
     return factors
+
+
+def _remote_manifest_rows(source: ShardSource, location: str) -> list[dict[str, Any]]:
+    """The manifest rows repeat-factor sampling reads, from a manifest beside URL shards."""
+    import pyarrow.parquet as pq
+
+    try:
+        data = read_beside(source, MANIFEST_FILE)
+    except EmbsegError as exc:
+        raise EmbsegError(f"{exc}; repeat-factor sampling plans from its per-image class "
+                          f"lists") from None
+    try:
+        names = pq.read_schema(io.BytesIO(data)).names
+        missing = [column for column in MANIFEST_COLUMNS if column not in names]
+        if missing:
+            raise EmbsegError(f"{location}: manifest has no column {missing[0]!r} (needed for "
+                              "repeat-factor sampling; rebuild the shards with `embseg build`)")
+        return pq.read_table(io.BytesIO(data), columns=list(MANIFEST_COLUMNS)).to_pylist()
+    except EmbsegError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for damaged files
+        raise EmbsegError(f"{location}: manifest unreadable ({exc})") from None
 
 
 def train_loader(shards: str | Path | ShardSource, *, num_classes: int, batch_size: int,
