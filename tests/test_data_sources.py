@@ -151,6 +151,27 @@ def test_http_folder_and_pattern_read_like_the_local_folder(local, served):
     assert ("GET", None) in served.server.requested(served.path / "train-000001.tar")
 
 
+def test_repeat_factor_sampling_reads_the_manifest_beside_http_shards(local, served):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(local / "manifest.parquet").to_pylist()
+    for index, row in enumerate(rows):
+        row["class_ids"] = [1, 5] if index < 2 else [1]  # f(5) = 2/9: two images repeated
+    _copy(local, served.path)
+    pq.write_table(pa.Table.from_pylist(rows), served.path / "manifest.parquet")
+    here = _copy(served.path, served.path.parent / f"{served.path.name}-local")
+    options = {"repeat_threshold": 1.0, "num_workers": 0}
+    remote = _train_batches(served.url, n=8, **options)
+    _same_batches(remote, _train_batches(here, n=8, **options))
+    plain = _train_batches(here, n=8, num_workers=0)
+    assert [b.keys for b in remote] != [b.keys for b in plain]  # the factors changed them
+    served.fail("manifest.parquet", 404)
+    with pytest.raises(EmbsegError, match=r"manifest\.parquet: not found; repeat-factor"):
+        train_loader(f"{served.url}/train-{{000000..000002}}.tar", num_classes=C, batch_size=2,
+                     crop_size=16, repeat_threshold=1.0)
+
+
 def test_train_a_few_steps_and_evaluate_from_http(local, served, tmp_path):
     from embseg.cli import main
     from embseg.evaluate import evaluate
