@@ -689,7 +689,9 @@ def _record_name(name: str) -> str:
 def _reusable_record(plan: BuildPlan, shard: PlannedShard,
                      folder: OutputFolder) -> ShardDone | None:
     """The finished shard from an earlier run, if its inputs are the same and its file still
-    has the stamp (size, mtime / ETag) recorded when it was written."""
+    has the stamp (size, mtime / ETag) recorded when it was written, or, when only the stamp
+    changed (a folder copied without its mtimes), still the recorded size and sha256: then
+    the record takes the new stamp, so the next rebuild is stat-only again."""
     if not folder.is_file(PARTS_DIR, _record_name(shard.name)):
         return None
     stamp = folder.stamp(shard.name)
@@ -703,12 +705,25 @@ def _reusable_record(plan: BuildPlan, shard: PlannedShard,
     meta = table.schema.metadata or {}
     if meta.get(_META_DIGEST, b"").decode() != shard.input_digest:
         return None
-    if meta.get(_META_STAMP, b"").decode() != stamp:
-        return None
     if table.column("key").to_pylist() != [i.key for i in plan.images[shard.start:shard.stop]]:
         return None
+    if meta.get(_META_STAMP, b"").decode() != stamp:
+        if stamp.split(":", 1)[0] != meta.get(_META_SIZE, b"").decode() or \
+                _stored_sha256(folder, shard.name) != meta.get(_META_SHA, b"").decode():
+            return None
+        table = table.replace_schema_metadata({**meta, _META_STAMP: stamp.encode()})
+        folder.write(_parquet_bytes(table), PARTS_DIR, _record_name(shard.name))
     return ShardDone(name=shard.name, rows=table.replace_schema_metadata(None),
                      size=int(meta[_META_SIZE]), stamp=stamp, reused=True)
+
+
+def _stored_sha256(folder: OutputFolder, name: str) -> str:
+    digest = hashlib.sha256()
+    opener = open if folder.local else folder.fs.open
+    with opener(folder.path(name), "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _remove_stale_files(plan: BuildPlan, folder: OutputFolder) -> None:

@@ -440,3 +440,23 @@ def test_an_annotation_file_changed_after_planning_stops_the_build(synth, ray_lo
         execute_plan(plan, progress=False)
     assert str(lvis) in str(info.value) and "\n" not in str(info.value)
     assert not list((tmp_path / "out").glob("train-*.tar"))
+
+
+def test_a_copied_shard_folder_is_reused_after_one_check_of_its_bytes(synth, ray_local,
+                                                                     tmp_path):
+    """Copied without mtimes, every shard's stamp differs: its recorded size and sha256 still
+    match, so it is reused (and its record takes the new stamp); a shard damaged in the copy
+    is rebuilt."""
+    first = build_shards(**_kwargs(synth, tmp_path / "out"))
+    shutil.copytree(tmp_path / "out", tmp_path / "copy", copy_function=shutil.copyfile)
+    damaged = tmp_path / "copy" / "train-000002.tar"
+    data = bytearray(damaged.read_bytes())
+    data[700] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    again = build_shards(**_kwargs(synth, tmp_path / "copy"))
+    assert again.reused_shards == len(first.shards) - 1
+    assert _shards(tmp_path / "copy") == _shards(tmp_path / "out")
+    record = pq.read_table(tmp_path / "copy" / ".parts" / "train-000000.parquet")
+    stat = (tmp_path / "copy" / "train-000000.tar").stat()
+    assert record.schema.metadata[b"embseg.tar_stamp"].decode() == \
+        f"{stat.st_size}:{stat.st_mtime_ns}"
