@@ -22,6 +22,11 @@ from pathlib import Path
 from embseg.errors import EmbsegError
 from embseg.formats import FORMAT_NAMES
 
+SHARDS_FORMS = ("a folder, a brace pattern (DIR/train-{000000..000099}.tar), pipe:COMMAND or a "
+                "URL (http(s)://, s3://, gs://); classes.parquet and manifest.parquet are read "
+                "from beside them")
+"""What every ``--shards`` option accepts (see embseg.data.sources)."""
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows every option's default after its help, as ``(default: X)``.
@@ -166,13 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recipe file (YAML, e.g. configs/paper-lvis-coco.yaml) of training "
                         "settings; options typed on the command line override it "
                         "(default: none, the defaults below)")
-    p.add_argument("--shards", type=Path, required=True,
-                   help="training shard folder (from embseg build)")
+    p.add_argument("--shards", required=True,
+                   help=f"training shards (from embseg build): {SHARDS_FORMS}")
     p.add_argument("--out", type=Path, required=True,
                    help="run folder: checkpoints, metrics.jsonl, curves.png")
-    p.add_argument("--val-shards", type=Path, default=None,
-                   help="validation shard folder: val mIoU at each evaluation and best.pt "
-                        "(default: no validation)")
+    p.add_argument("--val-shards", default=None,
+                   help="validation shards, in the forms of --shards: val mIoU at each "
+                        "evaluation and best.pt (default: no validation)")
     p.add_argument("--head", choices=["embedding", "softmax"], default="embedding",
                    help="embedding: the paper's pixel embeddings + kNN loss, memory flat in "
                         "the class count; softmax: the usual C-way classifier, the baseline")
@@ -243,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                  target="embseg.evaluate:cli_eval")
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="checkpoint to score (best.pt or last.pt of a run)")
-    p.add_argument("--shards", type=Path, required=True,
-                   help="shard folder to score it on, built with the same vocabulary")
+    p.add_argument("--shards", required=True,
+                   help=f"shards to score it on, built with the same vocabulary: {SHARDS_FORMS}")
     p.add_argument("--out", type=Path, default=None,
                    help="folder for per_class.parquet, per_class.csv and summary.json "
                         "(default: print the table only)")
@@ -259,9 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint to predict with")
     p.add_argument("images", type=Path, nargs="*",
                    help="image files (JPEG, PNG, ...); or give --shards instead")
-    p.add_argument("--shards", type=Path, default=None,
-                   help="predict on the first --count samples of this shard folder, with "
-                        "their ground truth in the pictures (default: the image files given)")
+    p.add_argument("--shards", default=None,
+                   help="predict on the first --count samples of these shards, with their "
+                        f"ground truth in the pictures: {SHARDS_FORMS} (default: the image "
+                        "files given)")
     p.add_argument("--count", type=int, default=4, help="samples to predict with --shards")
     p.add_argument("--out", type=Path, required=True,
                    help="folder for the pictures and predictions.json")
@@ -280,9 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for bench.json, bench.md and memory_vs_classes.png")
     p.add_argument("--parts", default="memory,loss,search,build,loader",
                    help="comma-separated parts to run")
-    p.add_argument("--shards", type=Path, default=None,
+    p.add_argument("--shards", default=None,
                    help="the loader part reads these shards (your own data) instead of the "
-                        "build part's synthetic ones (default: the synthetic ones)")
+                        f"build part's synthetic ones: {SHARDS_FORMS} (default: the synthetic "
+                        "ones)")
     p.add_argument("--images", type=int, default=None,
                    help="images of the build-scale part's LVIS-train-like set; the annotation "
                         "counts scale with it (default: 100,170, LVIS v1 train)")

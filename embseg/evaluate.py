@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from embseg.checkpoint import checkpoint_vocabulary, load_checkpoint
-from embseg.data import eval_loader
+from embseg.data import ShardSource, eval_loader, read_vocabulary, shard_source
 from embseg.errors import EmbsegError
 from embseg.fileio import write_atomically, write_text_atomically
 from embseg.metrics import MetricResult, SegmentationMetrics
@@ -192,20 +192,18 @@ def build_report(result: MetricResult, vocab: Vocabulary, **info: Any) -> EvalRe
                       group_miou=dict(result.group_miou), per_class=per_class, **info)
 
 
-def shard_vocabulary(shards: Path) -> Vocabulary:
-    """The vocabulary beside the shards (``DIR/classes.parquet``); EmbsegError when missing."""
-    path = Path(shards) / "classes.parquet"
-    if not path.is_file():
-        raise EmbsegError(f"{path}: the shards have no vocabulary file, so their labels cannot "
-                          f"be checked against the model's classes")
-    return Vocabulary.read_parquet(path)
+def shard_vocabulary(shards: str | Path | ShardSource) -> Vocabulary:
+    """The vocabulary beside the shards (``classes.parquet``); EmbsegError when missing."""
+    return read_vocabulary(shards)
 
 
-def evaluate_model(model: torch.nn.Module, shards: Path, *, vocab: Vocabulary,
-                   device: torch.device | str = "cpu", batch_size: int = 4, num_workers: int = 0,
-                   on_bad_sample: str = "fail") -> EvalReport:
-    """Evaluate an in-memory model (e.g. during training) on the shards in ``shards``."""
+def evaluate_model(model: torch.nn.Module, shards: str | Path | ShardSource, *,
+                   vocab: Vocabulary, device: torch.device | str = "cpu", batch_size: int = 4,
+                   num_workers: int = 0, on_bad_sample: str = "fail") -> EvalReport:
+    """Evaluate an in-memory model (e.g. during training) on ``shards`` (a ``--shards``
+    value: folder, pattern, URL or ``pipe:`` command)."""
     device = torch.device(device)
+    spec = shards.spec if isinstance(shards, ShardSource) else str(shards)
     start = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -218,10 +216,10 @@ def evaluate_model(model: torch.nn.Module, shards: Path, *, vocab: Vocabulary,
     finally:
         model.train(was_training)
     if batches.images == 0:
-        raise EmbsegError(f"{shards}: no image could be evaluated "
+        raise EmbsegError(f"{spec}: no image could be evaluated "
                           f"({batches.bad_samples} bad samples skipped)")
     return build_report(metrics.compute(vocab.groups()), vocab, n_images=batches.images,
-                        n_bad_samples=batches.bad_samples, shards=str(shards),
+                        n_bad_samples=batches.bad_samples, shards=spec,
                         seconds=time.perf_counter() - start)
 
 
@@ -236,22 +234,25 @@ def load_model(checkpoint: Path, *, device: torch.device) -> tuple[torch.nn.Modu
     return model.to(device).eval(), payload, vocab
 
 
-def evaluate(checkpoint: Path, shards: Path, *, out: Path | None = None, device: str = "cpu",
-             batch_size: int = 4, on_bad_sample: str = "fail", num_workers: int = 2) -> EvalReport:
-    """mIoU etc. of ``checkpoint`` on the shards in ``shards``; tables written into ``out``.
+def evaluate(checkpoint: Path, shards: str | Path, *, out: Path | None = None,
+             device: str = "cpu", batch_size: int = 4, on_bad_sample: str = "fail",
+             num_workers: int = 2) -> EvalReport:
+    """mIoU etc. of ``checkpoint`` on ``shards`` (a folder, pattern, URL or ``pipe:``
+    command); tables written into ``out``.
 
     EmbsegError when the checkpoint's class table differs from the shards' vocabulary, when a
     sample is bad (``on_bad_sample="fail"``, the default) or when nothing could be evaluated.
     """
     torch_device = resolve_device(device)
-    shards = Path(shards)
     shard_vocab = shard_vocabulary(shards)
     model, payload, vocab = load_model(Path(checkpoint), device=torch_device)
+    source = shard_source(shards)
     if vocab.content_hash() != shard_vocab.content_hash():
         raise EmbsegError(f"{payload['path']}: trained on class table {vocab.content_hash()} but "
-                          f"{shards / 'classes.parquet'} is {shard_vocab.content_hash()}: "
+                          f"{source.beside_file('classes.parquet')} is "
+                          f"{shard_vocab.content_hash()}: "
                           f"evaluate on shards built with the same vocabulary")
-    report = evaluate_model(model, shards, vocab=vocab, device=torch_device,
+    report = evaluate_model(model, source, vocab=vocab, device=torch_device,
                             batch_size=batch_size, num_workers=num_workers,
                             on_bad_sample=on_bad_sample)
     report.checkpoint = payload["path"]

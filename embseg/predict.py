@@ -27,7 +27,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from embseg.data import IMAGENET_MEAN, IMAGENET_STD, decode_image, eval_loader, normalize_image
+from embseg.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    decode_image,
+    eval_loader,
+    normalize_image,
+    shard_source,
+)
+from embseg.data.sources import source_label
 from embseg.errors import EmbsegError
 from embseg.evaluate import load_model, resolve_device, segment, shard_vocabulary
 from embseg.fileio import write_atomically
@@ -290,9 +298,10 @@ def denormalize_image(normalised: torch.Tensor) -> np.ndarray:
     return np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
 
 
-def predict_shards(checkpoint: Path, shards: Path, out: Path, *, count: int = 4,
+def predict_shards(checkpoint: Path, shards: str | Path, out: Path, *, count: int = 4,
                    device: str = "cpu") -> list[dict[str, Any]]:
-    """Segment the first ``count`` samples of a shard folder; triptychs with their ground truth.
+    """Segment the first ``count`` samples of ``shards`` (a folder, brace pattern, ``pipe:``
+    command or URL); triptychs with their ground truth.
 
     Samples come through :func:`embseg.data.eval_loader` (bad samples fail, naming shard and
     key), so the prediction is the one evaluation scores. Returns what
@@ -301,12 +310,12 @@ def predict_shards(checkpoint: Path, shards: Path, out: Path, *, count: int = 4,
     if count < 1:
         raise EmbsegError(f"--count {count}: predict at least one sample")
     torch_device = resolve_device(device)
-    shards = Path(shards)
     model, payload, vocab = load_model(Path(checkpoint), device=torch_device)
     if vocab.content_hash() != shard_vocabulary(shards).content_hash():
         raise EmbsegError(f"{payload['path']}: trained on class table {vocab.content_hash()} but "
-                          f"{shards / 'classes.parquet'} differs: its ground truth means "
-                          f"other classes")
+                          f"{shard_source(shards).beside_file('classes.parquet')} differs: its "
+                          f"ground truth means other classes")
+    label_of_shards = source_label(shards)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
@@ -318,7 +327,7 @@ def predict_shards(checkpoint: Path, shards: Path, out: Path, *, count: int = 4,
         truth = (batch.label[0].numpy() + 1).clip(min=0).astype(np.uint16)  # ignore -1 -> 0
         label = _predict_one(model, batch.image[0], device=torch_device)
         files = _write_outputs(image, label, vocab.names, out=out, stem=key,
-                               title=f"{shards.name} {key}", truth=truth)
+                               title=f"{label_of_shards} {key}", truth=truth)
         results.append({"key": key, "shards": str(shards), **files,
                         "classes": class_shares(label, vocab.names),
                         "truth_classes": class_shares(truth, vocab.names)})

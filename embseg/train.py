@@ -53,7 +53,15 @@ from embseg.checkpoint import (
     vocabulary_record,
 )
 from embseg.curves import write_curves
-from embseg.data import BAD_SAMPLE_POLICIES, LoaderState, TrainBatches, train_loader
+from embseg.data import (
+    BAD_SAMPLE_POLICIES,
+    LoaderState,
+    TrainBatches,
+    shard_location,
+    shard_source,
+    train_loader,
+)
+from embseg.data.sources import CLASSES_FILE
 from embseg.errors import EmbsegError
 from embseg.evaluate import EvalReport, evaluate_model, resolve_device, shard_vocabulary
 from embseg.fileio import write_text_atomically
@@ -81,9 +89,9 @@ SETTINGS_BEFORE_THEY_WERE_OPTIONS = {"embed_bn": False, "dropout": 0.5,
 class TrainConfig:
     """Every setting of a training run; the fields mirror the ``embseg train`` options."""
 
-    shards: Path
+    shards: str | Path  # a folder, brace pattern, URL or pipe: command (embseg.data.sources)
     out: Path
-    val_shards: Path | None = None
+    val_shards: str | Path | None = None
     head: str = "embedding"
     backbone: str = "tiny"
     backbone_weights: Path | None = None
@@ -112,6 +120,12 @@ class TrainConfig:
     repeat_threshold: float | None = None  # repeat-factor sampling's t (embseg.sampling); off
     eval_batch_size: int = 4
     init_checkpoint: Path | None = None  # fine-tuning: a new run starts from these weights
+
+    def __post_init__(self) -> None:
+        # local shard locations as paths (as before URLs were allowed); URLs and pipe: stay text
+        self.shards = shard_location(self.shards)
+        if self.val_shards is not None:
+            self.val_shards = shard_location(self.val_shards)
 
     def to_record(self) -> dict[str, Any]:
         """Plain values (paths as strings) for checkpoints and logs."""
@@ -211,12 +225,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _classes_file(shards: str | Path) -> str | None:
+    """Where the vocabulary of ``shards`` is (named in errors)."""
+    return shard_source(shards).beside_file(CLASSES_FILE)
+
+
 def _load_vocabularies(config: TrainConfig) -> Vocabulary:
     vocab = shard_vocabulary(config.shards)
     if config.val_shards is not None:
         val_vocab = shard_vocabulary(config.val_shards)
         if val_vocab.content_hash() != vocab.content_hash():
-            raise EmbsegError(f"{Path(config.val_shards) / 'classes.parquet'}: class table "
+            raise EmbsegError(f"{_classes_file(config.val_shards)}: class table "
                               f"{val_vocab.content_hash()} differs from the training shards' "
                               f"{vocab.content_hash()}")
     return vocab
@@ -265,7 +284,7 @@ def _init_from_checkpoint(config: TrainConfig, vocab: Vocabulary, model) -> None
     """
     payload = load_checkpoint(config.init_checkpoint, map_location="cpu",
                               expected_hash=vocab.content_hash(),
-                              vocabulary_file=Path(config.shards) / "classes.parquet",
+                              vocabulary_file=_classes_file(config.shards),
                               fallback=False)
     if dict(payload["model_config"]) != dict(model.config):
         raise EmbsegError(f"{payload['path']}: model settings {payload['model_config']} differ "
@@ -289,7 +308,7 @@ def _resume(config: TrainConfig, vocab: Vocabulary, model, optimizer, scheduler)
         log.warning("%s: no checkpoint to resume from; starting at step 0", config.out)
         return _RunState()
     payload = load_checkpoint(last, map_location="cpu", expected_hash=vocab.content_hash(),
-                              vocabulary_file=Path(config.shards) / "classes.parquet")
+                              vocabulary_file=_classes_file(config.shards))
     _check_resumable(config, payload)
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])

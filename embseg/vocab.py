@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -188,13 +189,24 @@ class Vocabulary:
     @classmethod
     def read_parquet(cls, path: Path) -> Vocabulary:
         """Read a ``classes.parquet`` written by :meth:`write_parquet` (EmbsegError if unusable)."""
-        import pyarrow.parquet as pq
-
         path = Path(path)
         if not path.is_file():
             raise EmbsegError(f"{path}: vocabulary file not found")
+        return cls._from_parquet(path, where=path)
+
+    @classmethod
+    def from_parquet_bytes(cls, data: bytes, *, where: str) -> Vocabulary:
+        """A ``classes.parquet`` read elsewhere (e.g. from a URL beside remote shards);
+        ``where`` names it in errors."""
+        return cls._from_parquet(io.BytesIO(data), where=where)
+
+    @classmethod
+    def _from_parquet(cls, source: Path | io.BytesIO, *, where: str | Path) -> Vocabulary:
+        import pyarrow.parquet as pq
+
+        path = where  # named in every error
         try:
-            table = pq.read_table(path)
+            table = pq.read_table(source)
         except Exception as exc:  # pyarrow raises several types for damaged files
             raise EmbsegError(f"{path}: not a readable Parquet file ({_one_line(exc)})") from exc
         missing = [c for c in PARQUET_COLUMNS if c not in table.column_names]

@@ -16,20 +16,22 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from embseg.data.sources import source_label
 from embseg.evaluate import EvalReport, evaluate
 from flows._common import retry_unless_bad_input
 
 BEST_WORST_CLASSES = 5
 
 
-def default_eval_dir(checkpoint: Path, shards: Path) -> Path:
-    """Where the tables go when no ``out`` is given: beside the checkpoint."""
-    return Path(checkpoint).parent / f"eval-{Path(shards).resolve().name}"
+def default_eval_dir(checkpoint: Path, shards: str | Path) -> Path:
+    """Where the tables go when no ``out`` is given: beside the checkpoint, named after the
+    shards' folder (``eval-val`` for ``shards/val`` or ``s3://bucket/shards/val``)."""
+    return Path(checkpoint).parent / f"eval-{source_label(shards)}"
 
 
 @task(name="evaluate-model", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_bad_input)
-def evaluate_model_task(checkpoint: Path, shards: Path, *, out: Path, device: str,
+def evaluate_model_task(checkpoint: Path, shards: str | Path, *, out: Path, device: str,
                         batch_size: int, on_bad_sample: str, num_workers: int) -> EvalReport:
     """Score the checkpoint on the shards and write the per-class tables."""
     report = evaluate(checkpoint, shards, out=out, device=device, batch_size=batch_size,
@@ -59,7 +61,7 @@ def evaluation_summary(report: EvalReport) -> dict[str, Any]:
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(
     checkpoint: Path,
-    shards: Path,
+    shards: str | Path,
     out: Path | None = None,
     device: str = "cpu",
     batch_size: int = 4,
@@ -67,9 +69,10 @@ def evaluate_flow(
     num_workers: int = 2,
     artifact_key: str = "evaluation-report",
 ) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` on the shards folder ``shards``; returns the summary figures."""
+    """Evaluate ``checkpoint`` on ``shards`` (a folder, brace pattern, ``pipe:`` command or
+    URL); returns the summary figures."""
     out = Path(out) if out is not None else default_eval_dir(checkpoint, shards)
-    report = evaluate_model_task(Path(checkpoint), Path(shards), out=out, device=device,
+    report = evaluate_model_task(Path(checkpoint), shards, out=out, device=device,
                                  batch_size=batch_size, on_bad_sample=on_bad_sample,
                                  num_workers=num_workers)
     create_markdown_artifact(key=artifact_key,

@@ -192,9 +192,9 @@ def _plain(value: Any) -> Any:
 
 @flow(name="train", log_prints=True)
 def train_flow(
-    shards: Path,
+    shards: str | Path,
     out: Path,
-    val_shards: Path | None = None,
+    val_shards: str | Path | None = None,
     head: str | None = None,
     backbone: str | None = None,
     backbone_weights: Path | None = None,
@@ -225,6 +225,9 @@ def train_flow(
     config: Path | None = None,
 ) -> dict[str, Any]:
     """Train a model on ``shards`` into the run folder ``out`` (see ``embseg train --help``).
+
+    ``shards`` and ``val_shards`` take every ``--shards`` form: a folder, a brace pattern, a
+    ``pipe:`` command or a URL (``http(s)://``, ``s3://``, ``gs://``).
 
     ``config``: a recipe file (``configs/*.yaml``). Every other parameter left at None takes
     the recipe's value when it has one, else the trainer's default (``embseg train --help``;

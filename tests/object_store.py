@@ -1,7 +1,11 @@
 """Real servers on 127.0.0.1 for the tests of URL sources: an S3-compatible store and HTTP.
 
-``s3_server`` (session): moto's S3 in server mode (``ThreadedMotoServer``) on a free port of
-127.0.0.1. While the session runs, this process's environment points every S3 client at it
+Both run in processes of their own, as real servers do: a server thread inside the test
+process would be forked into every DataLoader worker with the sockets it holds (a
+keep-alive connection then never closes, and a client waits for it until its timeout).
+
+``s3_server`` (session): moto's S3 in server mode (the ``moto.server`` command) on a free port
+of 127.0.0.1. While the session runs, this process's environment points every S3 client at it
 (``AWS_ENDPOINT_URL``, fake ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, region), and so
 does fsspec's own configuration for ``s3`` (``fsspec.config.conf``), so that plain
 ``fsspec.open("s3://bucket/key")`` or ``embseg ... --shards s3://bucket/prefix`` reach it;
@@ -12,8 +16,8 @@ Everything is restored and the server stopped at the end of the session.
 
 ``s3_bucket`` (function): a new, empty bucket on that server; its ``url`` is ``s3://<name>``.
 
-``http_server`` (session): ``http.server`` in a thread serving a folder on 127.0.0.1 (GET and
-HEAD, single byte ranges as object stores and web servers serve them). It records the requests
+``http_server`` (session): ``http.server`` serving a folder on 127.0.0.1 (GET and HEAD, single
+byte ranges as object stores and web servers serve them; this file run as a script). It records the requests
 it got and can be told to misbehave for one file: drop the connection after ``n`` bytes of
 the body (the headers promise the whole file), or answer with an HTTP error status (404 ...).
 A missing file is a plain 404.
@@ -26,11 +30,19 @@ Imported by tests/conftest.py, like the Prefect fixtures.
 
 from __future__ import annotations
 
+import faulthandler
 import itertools
+import json
 import os
 import re
-import threading
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,6 +51,7 @@ from pathlib import Path
 import pytest
 
 S3_KEY, S3_SECRET, S3_REGION = "embseg-test-key", "embseg-test-secret", "us-east-1"
+SERVER_START_TIMEOUT_S = 60
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,15 +125,54 @@ def _fsspec_s3_config(options: dict | None) -> dict | None:
     return old
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_until_serving(url: str, process: subprocess.Popen, what: str,
+                        timeout: float = SERVER_START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode} before serving")
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"{what} did not answer at {url} in {timeout} s") from None
+            time.sleep(0.1)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """moto's S3 server on 127.0.0.1 (free port); the process environment points at it."""
     pytest.importorskip("s3fs")
-    server_module = pytest.importorskip("moto.server")
-    moto = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    host, port = moto.get_host_and_port()
-    server = S3Server(endpoint_url=f"http://{host}:{port}")
+    pytest.importorskip("moto.server")
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                                str(port)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    server = S3Server(endpoint_url=f"http://127.0.0.1:{port}")
+    try:
+        _wait_until_serving(f"{server.endpoint_url}/moto-api/", process, "moto.server")
+    except BaseException:
+        _stop(process)
+        raise
     saved_env = {name: os.environ.get(name) for name in server.env}
     os.environ.update(server.env)
     saved_conf = _fsspec_s3_config(server.storage_options)
@@ -133,7 +185,7 @@ def s3_server() -> Iterator[S3Server]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        moto.stop()
+        _stop(process)
 
 
 @pytest.fixture
@@ -146,63 +198,60 @@ def s3_bucket(s3_server: S3Server) -> S3Bucket:
 # HTTP
 
 
-@dataclass
-class _Fault:
-    drop_after: int | None = None  # close the connection after this many bytes of the file
-    status: int | None = None  # answer with this HTTP status instead of the file
+FAULTS_FILE, REQUESTS_FILE = ".faults.json", ".requests.log"
+"""Files in the served root through which the test process steers the server process."""
 
 
 class FileServer:
-    """A threaded HTTP server of the files under ``root`` (see the module docstring)."""
+    """The HTTP server process serving ``root``, and its switches (see the module docstring)."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
-        self.faults: dict[str, _Fault] = {}
-        self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
-        self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _FileHandler)
-        self._httpd.daemon_threads = True
-        self._httpd.owner = self  # type: ignore[attr-defined]
-        host, port = self._httpd.server_address[:2]
-        self.url = f"http://{host}:{port}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True,
-                                        name="test-http-server")
-        self._thread.start()
+        self._faults: dict[str, dict] = {}
+        self._write_faults()
+        port = _free_port()
+        self._process = subprocess.Popen([sys.executable, __file__, str(self.root), str(port)],
+                                         stdout=subprocess.DEVNULL, start_new_session=True)
+        self.url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_until_serving(f"{self.url}/{FAULTS_FILE}", self._process, "the HTTP server")
+        except BaseException:
+            _stop(self._process)
+            raise
 
     def url_of(self, path: Path | str) -> str:
         """The URL of a file or folder under ``root``."""
-        relative = Path(path).resolve().relative_to(self.root).as_posix()
+        relative = self._relative(path)
         return f"{self.url}/{urllib.parse.quote(relative)}" if relative != "." else self.url
 
     def drop_after(self, path: Path | str, nbytes: int) -> None:
         """Serve ``path`` with its full Content-Length, but close the connection after
         ``nbytes`` bytes of it (a server or network that fails mid-transfer)."""
-        self._set(path, _Fault(drop_after=nbytes))
+        self._set(path, {"drop_after": int(nbytes)})
 
     def fail(self, path: Path | str, status: int = 404) -> None:
         """Answer requests for ``path`` with HTTP ``status`` (even when the file exists)."""
-        self._set(path, _Fault(status=status))
+        self._set(path, {"status": int(status)})
 
     def clear_faults(self, under: Path | None = None) -> None:
         """Serve normally again (everything, or the files under ``under``)."""
-        with self._lock:
-            if under is None:
-                self.faults.clear()
-                return
+        if under is None:
+            self._faults.clear()
+        else:
             prefix = self._relative(under)
-            for name in [n for n in self.faults if n == prefix or n.startswith(prefix + "/")]:
-                del self.faults[name]
+            for name in [n for n in self._faults if n == prefix or n.startswith(prefix + "/")]:
+                del self._faults[name]
+        self._write_faults()
 
     def requested(self, path: Path | str) -> list[tuple[str, str | None]]:
-        """(method, Range) of every request this server got for ``path``."""
+        """(method, Range header) of every request the server got for ``path``."""
         wanted = "/" + self._relative(path)
-        with self._lock:
-            return [(method, rng) for method, got, rng in self.requests if got == wanted]
+        log = self.root / REQUESTS_FILE
+        rows = [line.split("\t") for line in log.read_text().splitlines()] if log.exists() else []
+        return [(method, rng or None) for method, got, rng in rows if got == wanted]
 
     def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=10)
+        _stop(self._process)
 
     def _relative(self, path: Path | str) -> str:
         path = Path(path)
@@ -210,23 +259,23 @@ class FileServer:
             path = self.root / path
         return path.resolve().relative_to(self.root).as_posix()
 
-    def _set(self, path: Path | str, fault: _Fault) -> None:
-        with self._lock:
-            self.faults[self._relative(path)] = fault
+    def _set(self, path: Path | str, fault: dict) -> None:
+        self._faults[self._relative(path)] = fault
+        self._write_faults()
 
-    def _lookup(self, url_path: str) -> tuple[str, Path | None, _Fault | None]:
-        relative = urllib.parse.unquote(urllib.parse.urlsplit(url_path).path).lstrip("/")
-        local = (self.root / relative).resolve()
-        inside = local == self.root or self.root in local.parents
-        with self._lock:
-            fault = self.faults.get(relative)
-        return relative, local if inside else None, fault
+    def _write_faults(self) -> None:
+        """Replace the faults file atomically (the server reads it at every request)."""
+        tmp = self.root / (FAULTS_FILE + ".tmp")
+        tmp.write_text(json.dumps(self._faults))
+        os.replace(tmp, self.root / FAULTS_FILE)
 
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
 
 
 class _FileHandler(BaseHTTPRequestHandler):
+    """Runs in the server process: files under ``server.root``, the faults of its file."""
+
     protocol_version = "HTTP/1.1"
 
     def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
@@ -239,14 +288,16 @@ class _FileHandler(BaseHTTPRequestHandler):
         pass
 
     def _serve(self, *, send_body: bool) -> None:
-        server: FileServer = self.server.owner  # type: ignore[attr-defined]
-        relative, local, fault = server._lookup(self.path)
-        with server._lock:
-            server.requests.append((self.command, "/" + relative, self.headers.get("Range")))
-        if fault is not None and fault.status is not None:
-            self.send_error(fault.status)
+        root: Path = self.server.root  # type: ignore[attr-defined]
+        relative = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).lstrip("/")
+        local = (root / relative).resolve()
+        with open(root / REQUESTS_FILE, "a") as log:
+            log.write(f"{self.command}\t/{relative}\t{self.headers.get('Range', '')}\n")
+        fault = json.loads((root / FAULTS_FILE).read_text()).get(relative, {})
+        if "status" in fault:
+            self.send_error(fault["status"])
             return
-        if local is None or not local.is_file():
+        if not (local == root or root in local.parents) or not local.is_file():
             self.send_error(404)
             return
         data = local.read_bytes()
@@ -274,12 +325,22 @@ class _FileHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if not send_body:
             return
-        if fault is not None and fault.drop_after is not None:
-            self.wfile.write(data[start:max(start, min(end, fault.drop_after))])
+        if "drop_after" in fault:
+            self.wfile.write(data[start:max(start, min(end, fault["drop_after"]))])
             self.wfile.flush()
             self.close_connection = True  # the socket closes short of Content-Length
             return
         self.wfile.write(data[start:end])
+
+
+def _serve_forever(root: Path, port: int) -> None:
+    """The server process: serve ``root`` on 127.0.0.1:``port`` until terminated."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", port), _FileHandler)
+    httpd.daemon_threads = True
+    httpd.root = Path(root).resolve()  # type: ignore[attr-defined]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID`: its threads' stacks on stderr
+    httpd.serve_forever()
 
 
 @pytest.fixture(scope="session")
@@ -325,3 +386,7 @@ def served(http_server: FileServer) -> Iterator[ServedFolder]:
         yield ServedFolder(http_server, folder)
     finally:
         http_server.clear_faults(folder)
+
+
+if __name__ == "__main__":  # the HTTP server process: object_store.py ROOT PORT
+    _serve_forever(Path(sys.argv[1]), int(sys.argv[2]))

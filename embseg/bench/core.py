@@ -443,8 +443,9 @@ class PartRun:
     timed: Callable[[str, Callable[[], Any]], Any]
     """``timed(name, fn)``: ``fn()``, its seconds recorded under ``part_seconds[name]``."""
     workdir: Path
-    shards: Path | None = None
-    """The user's ``--shards`` (the loader reads them instead of the build part's)."""
+    shards: str | Path | None = None
+    """The user's ``--shards`` (the loader reads them instead of the build part's): any form
+    of :mod:`embseg.data.sources`."""
     built_shards: Path | None = None
     """The build part's last shards, for the loader part after it."""
 

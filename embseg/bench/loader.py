@@ -13,7 +13,8 @@ from typing import Any
 from embseg.bench.core import BenchSettings, Part, PartRun, _alternating_rounds, _rounds_note
 
 
-def bench_loader(settings: BenchSettings, workdir: Path, shards: Path, log) -> dict[str, Any]:
+def bench_loader(settings: BenchSettings, workdir: Path, shards: str | Path,
+                 log) -> dict[str, Any]:
     """Part 4: training input pipeline (decode + augment) from shards vs from loose files.
 
     Both sides use the same decode and augmentation, batch size, crop size and number of
@@ -67,7 +68,7 @@ def _drop_from_page_cache(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def _storage_read_rates(shards_dir: Path, loose_dir: Path, rounds: int
+def _storage_read_rates(shards_dir: str | Path, loose_dir: Path, rounds: int
                         ) -> dict[str, Any] | None:
     """Samples per second read from storage, without decoding: every shard through the
     loader's tar reader vs every loose image + label file, each from a dropped page cache.
@@ -75,11 +76,16 @@ def _storage_read_rates(shards_dir: Path, loose_dir: Path, rounds: int
     The decode + augment comparison above reads both sides from the page cache, where a file
     open costs microseconds; what shards are for is the read from storage (a file per image
     and label against a few sequential reads). Rounds alternate which side goes first; the
-    median of their ratios is the result. None where the page cache cannot be dropped.
+    median of their ratios is the result. None where the page cache cannot be dropped, and
+    for shards that are not local files (URLs, ``pipe:``): no page cache of theirs to drop.
     """
-    from embseg.data import BadItem, list_shards, read_shard
+    from embseg.data import BadItem, read_shard, shard_source
+    from embseg.data.sources import is_local
 
-    tars = list_shards(shards_dir)
+    source = shard_source(shards_dir)
+    if not all(is_local(url) for url in source.urls):
+        return None
+    tars = [Path(url) for url in source.urls]
     loose = sorted(loose_dir.glob("*.jpg"))
     files = [path for image in loose for path in (image, image.with_suffix(".png"))]
     if not tars or not files or not hasattr(os, "posix_fadvise"):

@@ -21,7 +21,7 @@ from embseg.bench.points import PointServer, run_point
 from embseg.bench.report import _write_outputs, failed_points, to_markdown
 
 
-def check_parts(parts: tuple[str, ...], shards: Path | None) -> None:
+def check_parts(parts: tuple[str, ...], shards: str | Path | None) -> None:
     """EmbsegError unless ``parts`` are known, each can run with the others chosen (the loader
     has shards to read), and ``shards`` holds shards."""
     from embseg.errors import EmbsegError
@@ -33,12 +33,22 @@ def check_parts(parts: tuple[str, ...], shards: Path | None) -> None:
     for name in PARTS:
         if name in parts and REGISTRY[name].check is not None:
             REGISTRY[name].check(parts, shards)
-    if shards is not None and not any(shards.glob("*.tar")):
+    if shards is None:
+        return
+    from embseg.data import shard_source
+    from embseg.data.sources import url_scheme
+
+    if url_scheme(str(shards)) == "" and Path(shards).is_dir() \
+            and not any(Path(shards).glob("*.tar")):
         raise EmbsegError(f"{shards}: --shards: no .tar shards in this folder")
+    try:
+        shard_source(shards)
+    except EmbsegError as exc:
+        raise EmbsegError(f"--shards: {exc}") from None
 
 
 def run_bench(*, quick: bool, gpu_sizes: bool, out: Path, json_path: Path | None,
-              parts: tuple[str, ...] = PARTS, shards: Path | None = None,
+              parts: tuple[str, ...] = PARTS, shards: str | Path | None = None,
               scale_images: int | None = None, log=print) -> dict[str, Any]:
     """Run the chosen parts, in registry order, and write JSON, markdown and (with the memory
     part) the memory plot under ``out``. ``shards``: the loader reads these (the user's own
