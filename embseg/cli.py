@@ -132,6 +132,52 @@ def build_parser() -> argparse.ArgumentParser:
                         "build part's synthetic ones")
     _command(p, "embseg.bench:cli_bench")
 
+    p = sub.add_parser("study", help="ESS vs softmax val mIoU as the class count grows, at "
+                                     "equal steps and at equal memory (synthetic data)")
+    p.add_argument("--quick", action="store_true",
+                   help="CPU sizes (about 25 minutes on 2 cores); without it the GPU sizes")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out/study"),
+                   help="folder of study.json, study.md and study.png (rewritten after "
+                        "every run)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="folder for the cached synthetic data and the run folders "
+                        "(default: OUT/work)")
+    p.add_argument("--classes", default=None,
+                   help="comma-separated class counts trained with both heads "
+                        "(default 150,1289)")
+    p.add_argument("--ess-only-classes", default=None,
+                   help="comma-separated class counts trained with ESS alone, where softmax "
+                        "does not fit ESS's memory (default 10000; '' for none)")
+    p.add_argument("--rfs-classes", default=None,
+                   help="class counts at which ESS also trains with repeat-factor sampling "
+                        "(default 1289)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="training seeds per point (default 2)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the runs and memory probes run")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps of every run (default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="reference batch (ESS, equal steps; default: the preset's)")
+    p.add_argument("--crop-size", type=int, default=None,
+                   help="reference crop in pixels (default: the preset's)")
+    p.add_argument("--images", type=int, default=None,
+                   help="synthetic training images per class count (default: the preset's)")
+    p.add_argument("--val-images", type=int, default=None,
+                   help="synthetic val images per class count (default: the preset's)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="synthetic image side in pixels (default: the preset's)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="loader workers per training run (default: the preset's, 1 on CPU; 0 "
+                        "decodes in the training process)")
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the synthetic data (another seed gives a held-out draw for "
+                        "tuning)")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE",
+                   help="override a training setting for every run, e.g. --set k=25 "
+                        "(repeatable; names as in TrainConfig)")
+    _command(p, "embseg.study:cli_study")
+
     p = sub.add_parser("gpu-check", help="train on a CUDA device: the demo configuration and "
                                          "the paper's setting, checked against the CPU")
     p.add_argument("action", choices=["prepare", "run"],
