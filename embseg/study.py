@@ -627,27 +627,32 @@ class Study:
         for c in sizes.classes:
             softmax_peak[c] = self.probe(data[c], "softmax", sizes.batch_size, sizes.crop_size)
         reference = {"batch": sizes.batch_size, "crop": sizes.crop_size}
-        for seed in range(sizes.seeds):
-            for c in sizes.classes:
-                self.train(data[c], "embedding", COMPARISONS, seed=seed, peak=ess_peak[c],
-                           **reference)
-                if matched[c]["softmax_batch_size"]:
-                    self.train(data[c], "softmax", ["equal_memory"], seed=seed,
+        small = min(sizes.classes)
+        # What the goals need comes first (ESS everywhere, equal-steps softmax at the smallest
+        # count, equal-memory softmax from the largest count down), then the repeat-factor
+        # and ESS-only runs, and softmax's costly equal-steps runs at larger counts last, so
+        # that a study cut short has measured its goals.
+        stages: list[tuple[int, str, str]] = [(c, "embedding", "both") for c in sizes.classes]
+        stages.append((small, "softmax", "equal_steps"))
+        stages += [(c, "softmax", "equal_memory") for c in sorted(sizes.classes, reverse=True)]
+        stages += [(c, "embedding", "rfs") for c in sizes.rfs_classes if c in data]
+        stages += [(c, "embedding", "both") for c in sizes.ess_only_classes]
+        stages += [(c, "softmax", "equal_steps") for c in sizes.classes if c != small]
+        for c, head, comparison in stages:
+            for seed in range(sizes.seeds):
+                if head == "embedding":
+                    rfs = comparison == "rfs"
+                    self.train(data[c], head, ["equal_steps"] if rfs else COMPARISONS,
+                               seed=seed, peak=ess_peak[c], **reference,
+                               repeat_threshold=data[c].repeat_threshold if rfs else None)
+                elif comparison == "equal_memory" and matched[c]["softmax_batch_size"]:
+                    self.train(data[c], head, ["equal_memory"], seed=seed,
                                batch=matched[c]["softmax_batch_size"],
                                crop=matched[c]["softmax_crop_size"],
                                peak=matched[c]["softmax_peak_bytes"])
-                self.train(data[c], "softmax", ["equal_steps"], seed=seed,
-                           peak=softmax_peak[c], **reference)
-        for seed in range(sizes.seeds):
-            for c in sizes.rfs_classes:
-                if c in data:
-                    self.train(data[c], "embedding", ["equal_steps"], seed=seed,
-                               peak=ess_peak[c], repeat_threshold=data[c].repeat_threshold,
-                               **reference)
-        for seed in range(sizes.seeds):
-            for c in sizes.ess_only_classes:
-                self.train(data[c], "embedding", COMPARISONS, seed=seed, peak=ess_peak[c],
-                           **reference)
+                elif comparison == "equal_steps":
+                    self.train(data[c], head, ["equal_steps"], seed=seed,
+                               peak=softmax_peak[c], **reference)
         self.result["complete"] = True
         self.result["load_average"]["end"] = _load_average()
         self.save()
