@@ -2,7 +2,7 @@
 # The GPU checks on a lent device machine (README, "On a GPU"). Run from the repository root,
 # with the data of `embseg gpu-check prepare --data .gpucheck` and the wheels in .whl/ carried:
 #   bash benchmarks/on_device.sh OUT check [ARGS]   # embseg gpu-check run (both parts)
-#   bash benchmarks/on_device.sh OUT bench [ARGS]   # embseg bench --gpu-sizes --parts memory,loss
+#   bash benchmarks/on_device.sh OUT bench [ARGS]   # embseg bench --gpu-sizes --parts memory,loss,search
 # ARGS go to that command (e.g. `--parts memory`; a later option of the same name wins).
 set -uo pipefail
 out=$1
@@ -24,6 +24,6 @@ mkdir -p "$out"
 } >"$out/machine.txt" 2>&1
 case $part in
     check) python3 -m embseg gpu-check run --data .gpucheck --out "$out/check" "$@" ;;
-    bench) python3 -m embseg bench --gpu-sizes --parts memory,loss --out "$out/bench" "$@" ;;
+    bench) python3 -m embseg bench --gpu-sizes --parts memory,loss,search --out "$out/bench" "$@" ;;
     *) echo "on_device.sh: unknown part '$part' (check or bench)" >&2; exit 2 ;;
 esac

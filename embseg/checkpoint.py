@@ -144,17 +144,22 @@ def vocabulary_record(vocab: Vocabulary) -> dict[str, list]:
             "lvis_id": [c.lvis_id for c in classes],
             "coco_stuff_id": [c.coco_stuff_id for c in classes],
             "synonyms": [list(c.synonyms) for c in classes],
+            "group": [c.group for c in classes], "source_id": [c.source_id for c in classes],
             "stuff_other_ids": list(vocab.stuff_other_ids)}
 
 
 def vocabulary_from_record(record: dict[str, list]) -> Vocabulary:
-    """The :class:`Vocabulary` stored by :func:`vocabulary_record`."""
+    """The :class:`Vocabulary` stored by :func:`vocabulary_record` (records written before
+    ``group``/``source_id`` existed read as None for both)."""
+    count = len(record["ids"])
+    groups = record.get("group", [None] * count)
+    source_ids = record.get("source_id", [None] * count)
     classes = [VocabClass(id=i, name=n, source=s, lvis_id=lv, coco_stuff_id=cs, frequency=f,
-                          synonyms=tuple(syn))
-               for i, n, s, lv, cs, f, syn in zip(record["ids"], record["names"],
-                                                  record["source"], record["lvis_id"],
-                                                  record["coco_stuff_id"], record["frequency"],
-                                                  record["synonyms"], strict=True)]
+                          synonyms=tuple(syn), group=g, source_id=sid)
+               for i, n, s, lv, cs, f, syn, g, sid in zip(
+                   record["ids"], record["names"], record["source"], record["lvis_id"],
+                   record["coco_stuff_id"], record["frequency"], record["synonyms"], groups,
+                   source_ids, strict=True)]
     return Vocabulary(classes=tuple(classes),
                       stuff_other_ids=tuple(record.get("stuff_other_ids", [183])))
 

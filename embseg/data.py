@@ -51,6 +51,7 @@ from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
 from embseg.errors import EmbsegError
+from embseg.sampling import REPEAT_INDEX, describe_factors, repeat_factors, repeat_samples
 
 log = logging.getLogger(__name__)
 
@@ -494,8 +495,13 @@ class LoaderState:
 
 def _epoch_items(shards: list[Path], expected: dict[str, list[str]], *, stream: int,
                  num_streams: int, epoch: int, seed: int, shuffle_buffer: int,
-                 shuffle_shards: bool = True) -> Iterator[dict | BadItem]:
-    """The items of one logical stream in one epoch, in their (seeded) training order."""
+                 shuffle_shards: bool = True,
+                 factors: dict[str, float] | None = None) -> Iterator[dict | BadItem]:
+    """The items of one logical stream in one epoch, in their (seeded) training order.
+
+    ``factors`` (repeat-factor sampling): each sample comes ``epoch_repeats`` times, the
+    copies entering the shuffle buffer one after another (it spreads them apart).
+    """
     ordered = list(shards)
     if shuffle_shards:
         order = np.random.default_rng(_seed_sequence(seed, epoch, 0x5EED)).permutation(len(shards))
@@ -511,11 +517,13 @@ def _epoch_items(shards: list[Path], expected: dict[str, list[str]], *, stream: 
                     yield item
                 index += 1
 
+    # THE repeat-factor hook (embseg.sampling): the only place a sample's count is applied
+    items = repeat_samples(raw(), factors, seed=seed, epoch=epoch)
     if shuffle_buffer <= 1:
-        yield from raw()
+        yield from items
         return
     rng = random.Random(int(_seed_sequence(seed, epoch, stream, 0x5F1).generate_state(1)[0]))
-    yield from wds.filters.shuffle(bufsize=shuffle_buffer, initial=shuffle_buffer, rng=rng)(raw())
+    yield from wds.filters.shuffle(bufsize=shuffle_buffer, initial=shuffle_buffer, rng=rng)(items)
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -545,6 +553,7 @@ class TrainLoaderSpec:
     shuffle_buffer: int
     on_bad_sample: str
     expected_keys: dict[str, list[str]]
+    repeat_factors: dict[str, float] | None = None  # key -> factor (repeat-factor sampling)
 
 
 class _TrainStreams(torch.utils.data.IterableDataset):
@@ -573,7 +582,8 @@ class _TrainStreams(torch.utils.data.IterableDataset):
             position, good_in_epoch = 0, 0
             for item in _epoch_items(list(spec.shards), spec.expected_keys, stream=stream,
                                      num_streams=spec.num_streams, epoch=epoch, seed=spec.seed,
-                                     shuffle_buffer=spec.shuffle_buffer):
+                                     shuffle_buffer=spec.shuffle_buffer,
+                                     factors=spec.repeat_factors):
                 position += 1
                 if position <= skip:
                     good_in_epoch += not isinstance(item, BadItem)
@@ -609,8 +619,11 @@ class _TrainStreams(torch.utils.data.IterableDataset):
 
     def _prepare(self, sample: dict[str, Any], epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, label = _decode_sample(sample, self.spec.num_classes)
+        # a repeated sample's later copies get augmentations of their own
+        copy = sample.get(REPEAT_INDEX, 0)
         rng = np.random.default_rng(_seed_sequence(self.spec.seed, epoch,
-                                                   _key_number(sample["__key__"]), 0xA06))
+                                                   _key_number(sample["__key__"]), 0xA06,
+                                                   *([copy] if copy else [])))
         return _augmented_tensors(image, label, crop_size=self.spec.crop_size, rng=rng)
 
 
@@ -681,16 +694,27 @@ def _check_policy(on_bad_sample: str) -> None:
                          f"not {on_bad_sample!r}")
 
 
+def _planned_repeats(shards_dir: Path, threshold: float | None) -> dict[str, float] | None:
+    if threshold is None:
+        return None
+    factors = repeat_factors(Path(shards_dir) / "manifest.parquet", threshold)
+    log.info("%s: %s", shards_dir, describe_factors(factors, threshold))
+    return factors
+
+
 def train_loader(shards_dir: Path, *, num_classes: int, batch_size: int, crop_size: int,
                  seed: int = 0, num_workers: int = 2, shuffle_buffer: int = 256,
                  on_bad_sample: str = "skip", state: LoaderState | None = None,
-                 start_step: int = 0, pin_memory: bool = False) -> TrainBatches:
+                 start_step: int = 0, pin_memory: bool = False,
+                 repeat_threshold: float | None = None) -> TrainBatches:
     """Endless augmented training batches from the shards in ``shards_dir``.
 
     The batches are a deterministic function of (shards, seed, batch_size, crop_size,
-    num_workers, shuffle_buffer): resuming with the ``state`` saved after step ``start_step``
-    continues exactly as the uninterrupted loader would have. ``num_workers`` DataLoader
-    workers (0: in-process) each serve one stream; a resumed loader must use the same number.
+    num_workers, shuffle_buffer, repeat_threshold): resuming with the ``state`` saved after
+    step ``start_step`` continues exactly as the uninterrupted loader would have.
+    ``num_workers`` DataLoader workers (0: in-process) each serve one stream; a resumed loader
+    must use the same number. ``repeat_threshold``: repeat-factor sampling with that ``t``
+    (:mod:`embseg.sampling`; factors from ``manifest.parquet``), off when None.
     """
     _check_policy(on_bad_sample)
     num_streams = max(1, num_workers)
@@ -703,7 +727,8 @@ def train_loader(shards_dir: Path, *, num_classes: int, batch_size: int, crop_si
     spec = TrainLoaderSpec(shards=tuple(list_shards(shards_dir)), num_classes=num_classes,
                            batch_size=batch_size, crop_size=crop_size, seed=seed,
                            num_streams=num_streams, shuffle_buffer=shuffle_buffer,
-                           on_bad_sample=on_bad_sample, expected_keys=manifest_keys(shards_dir))
+                           on_bad_sample=on_bad_sample, expected_keys=manifest_keys(shards_dir),
+                           repeat_factors=_planned_repeats(shards_dir, repeat_threshold))
     return TrainBatches(spec, state, start_step=start_step, num_workers=num_workers,
                         pin_memory=pin_memory)
 

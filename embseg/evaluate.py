@@ -28,8 +28,6 @@ from embseg.fileio import write_atomically, write_text_atomically
 from embseg.metrics import MetricResult, SegmentationMetrics
 from embseg.vocab import Vocabulary
 
-GROUP_NAMES = ("rare", "common", "frequent", "stuff")
-
 
 def resolve_device(name: str) -> torch.device:
     """``torch.device`` for ``cpu``/``cuda``; EmbsegError when CUDA is asked for but absent."""
@@ -72,8 +70,10 @@ def _finite(value: float) -> float | None:
 class EvalReport:
     """Evaluation figures, the per-class table and what was evaluated.
 
-    ``group_miou`` holds the mIoU over LVIS ``rare``/``common``/``frequent`` and ``stuff``
-    classes (NaN when no class of the group is present). ``per_class`` has one dict per class:
+    ``group_miou`` holds the mIoU over each group of :meth:`Vocabulary.groups` (LVIS
+    ``rare``/``common``/``frequent`` and ``stuff``; another dataset's own groups, e.g. the
+    Cityscapes categories; none for a table without groups), NaN when no class of the group
+    is present. ``per_class`` has one dict per class:
     id, name, group, iou (NaN when absent from prediction and ground truth), accuracy and the
     pixel counts.
     """
@@ -100,17 +100,30 @@ class EvalReport:
                 "group_miou": {k: _finite(v) for k, v in self.group_miou.items()},
                 "n_images": self.n_images, "n_bad_samples": self.n_bad_samples,
                 "classes": len(self.per_class),
-                "classes_present": sum(not math.isnan(r["iou"]) for r in self.per_class),
+                "classes_present": len(self.present_classes()),
                 "shards": self.shards, "checkpoint": self.checkpoint, "step": self.step,
                 "seconds": round(self.seconds, 3)}
 
+    def present_classes(self) -> list[dict[str, Any]]:
+        """Classes with ground-truth pixels in the evaluated split.
+
+        A class only predicted (no ground truth) has IoU 0 and counts in the mIoU, as in
+        mmsegmentation, but it is not "present": ranking it as a worst class would name a
+        class the split cannot show.
+        """
+        return [row for row in self.per_class if row["target_pixels"] > 0]
+
     def ranked_classes(self) -> list[dict[str, Any]]:
-        """Present classes (IoU defined), best first."""
-        present = [row for row in self.per_class if not math.isnan(row["iou"])]
-        return sorted(present, key=lambda row: (-row["iou"], row["id"]))
+        """Classes present in the split (ground-truth pixels > 0), best IoU first."""
+        return sorted(self.present_classes(), key=lambda row: (-row["iou"], row["id"]))
 
     def to_markdown(self, top: int = 5) -> str:
-        """Overall figures, group mIoUs and the best/worst ``top`` classes as Markdown."""
+        """Overall figures, group mIoUs and the best/worst ``top`` classes as Markdown.
+
+        Best and worst are ranked among the classes present in the split (ground-truth
+        pixels > 0) and never overlap: with fewer than ``2 * top`` present, the worst table
+        holds the rest.
+        """
         def pct(value: float | None) -> str:
             return "-" if value is None or math.isnan(value) else f"{100 * value:.2f}"
 
@@ -118,18 +131,20 @@ class EvalReport:
                  f"| mIoU | {pct(self.miou)} |", f"| pixel accuracy | {pct(self.pixel_accuracy)} |",
                  f"| mean class accuracy | {pct(self.mean_class_accuracy)} |",
                  f"| frequency-weighted IoU | {pct(self.fw_iou)} |",
-                 f"| images | {self.n_images} |", f"| bad samples skipped | {self.n_bad_samples} |",
-                 "", "| group | mIoU | classes present |", "| --- | --- | --- |"]
+                 f"| images | {self.n_images} |", f"| bad samples skipped | {self.n_bad_samples} |"]
+        if self.group_miou:
+            lines += ["", "| group | mIoU | classes present |", "| --- | --- | --- |"]
         present_by_group: dict[str, int] = {}
-        for row in self.per_class:
-            if row["group"] and not math.isnan(row["iou"]):
+        for row in self.present_classes():
+            if row["group"]:
                 present_by_group[row["group"]] = present_by_group.get(row["group"], 0) + 1
-        for name in GROUP_NAMES:
-            if name in self.group_miou:
-                lines.append(f"| {name} | {pct(self.group_miou[name])} | "
-                             f"{present_by_group.get(name, 0)} |")
+        for name, miou in self.group_miou.items():
+            lines.append(f"| {name} | {pct(miou)} | {present_by_group.get(name, 0)} |")
         ranked = self.ranked_classes()
-        for title, rows in (("best", ranked[:top]), ("worst", ranked[::-1][:top])):
+        worst = ranked[::-1][:max(0, min(top, len(ranked) - top))]  # never a best one again
+        lines += ["", f"Best and worst of the {len(ranked)} classes with ground-truth pixels "
+                  f"in this split (of {len(self.per_class)}):"]
+        for title, rows in (("best", ranked[:top]), ("worst", worst)):
             lines += ["", f"| {title} classes | id | IoU | ground-truth pixels |",
                       "| --- | --- | --- | --- |"]
             lines += [f"| {row['name']} | {row['id']} | {pct(row['iou'])} | "

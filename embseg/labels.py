@@ -3,13 +3,18 @@
 Painting rule (:func:`paint_label_map`): LVIS instance masks are painted in annotation-file
 order and an earlier annotation keeps its pixels (first wins); then COCO-Stuff masks fill only
 the pixels LVIS left at 0, first wins among stuff too; a COCO-Stuff ``other`` mask claims its
-pixels as 0 (unlabeled). With ``overlap="smaller"`` the LVIS masks are ordered by decoded area,
+pixels as 0 (unlabeled). With ``overlap="smaller"`` the LVIS masks are ordered by area,
 smallest first (ties keep file order), so smaller instances end up over larger ones.
 
-Masks are decoded by the official APIs only (``lvis.LVIS.ann_to_mask`` for LVIS,
-``pycocotools.coco.COCO.annToMask`` for COCO-Stuff), each built over just one item's annotation
-dicts. Before decoding, every segmentation is checked, because pycocotools silently turns a
-4-number polygon into a box and fills an RLE that is too short with uninitialised memory.
+Masks: every segmentation becomes a COCO run-length mask the way the official APIs make it
+(``LVIS.ann_to_rle`` / ``COCO.annToRLE``: polygons rasterised by
+``pycocotools.mask.frPyObjects`` and merged, uncompressed RLE as given, compressed RLE as
+given), and is painted straight from its runs (:mod:`embseg.rle`): each mask is decoded once
+and costs its own area, never a full-image boolean mask. The label map equals painting the
+official full-image masks (``ann_to_mask`` / ``annToMask``); the tests check that against a
+painter of their own. Before decoding, every segmentation is checked, because pycocotools
+silently turns a 4-number polygon into a box and fills an RLE that is too short with
+uninitialised memory.
 
 :func:`process_image` never raises for a per-image problem: it returns an :class:`ImageResult`
 with status ``failed`` (or ``skipped``) and a one-line reason.
@@ -17,7 +22,6 @@ with status ``failed`` (or ``skipped``) and a one-line reason.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import warnings
 from collections.abc import Sequence
@@ -26,10 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import pycocotools.mask as mask_utils
-from lvis.lvis import LVIS
 from PIL import Image
-from pycocotools.coco import COCO
 
+from embseg import rle
 from embseg.annotations import ImageItem
 from embseg.errors import ItemFailure
 
@@ -37,10 +40,16 @@ OVERLAP_MODES = ("first", "smaller")
 # A polygon point may lie this far outside the image (annotation tools round outwards);
 # further out means the annotation does not belong to an image of this size.
 POLYGON_TOLERANCE_PX = 1.0
-PNG_COMPRESS_LEVEL = 6
+# PNG settings chosen by measurement (benchmarks/results/*build-scale*: "PNG settings"): on
+# LVIS-like 640x480 label maps, libpng's "up" filter with zlib's run-length strategy encodes in
+# ~1.5 ms against ~10 ms for Pillow's default (adaptive filters, level 6), for ~20% more bytes.
+PNG_FILTER = "up"
+PNG_STRATEGY = "rle"
+PNG_COMPRESSION = 1
 NO_ANNOTATION_REASON = "no annotation in the LVIS or COCO-Stuff files"
 
-ClassMask = tuple[int, np.ndarray]
+ClassMask = tuple[int, np.ndarray]  # (class id, HxW boolean mask)
+ClassRuns = tuple[int, np.ndarray]  # (class id, COCO run lengths, column-major)
 
 
 @dataclass
@@ -71,38 +80,94 @@ def paint_label_map(
     ``lvis_masks`` and ``stuff_masks`` are in annotation-file order; a stuff class id of 0 is
     COCO-Stuff ``other`` (claims pixels as unlabeled).
     """
+    def runs(masks: Sequence[ClassMask]) -> list[ClassRuns]:
+        out = []
+        for class_id, mask in masks:
+            mask = np.asarray(mask, dtype=bool)
+            if mask.shape != (height, width):
+                raise ValueError(f"mask shape {mask.shape} differs from label map "
+                                 f"{(height, width)}")
+            encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            out.append((class_id, _runs_of(encoded["counts"], height, width)))
+        return out
+
+    return paint_runs_label_map(height=height, width=width, lvis_runs=runs(lvis_masks),
+                                stuff_runs=runs(stuff_masks), overlap=overlap)
+
+
+def paint_runs_label_map(
+    *,
+    height: int,
+    width: int,
+    lvis_runs: Sequence[ClassRuns],
+    stuff_runs: Sequence[ClassRuns],
+    overlap: str = "first",
+) -> np.ndarray:
+    """:func:`paint_label_map` for masks given as COCO run lengths (:mod:`embseg.rle`)."""
+    return _paint_runs(height, width, lvis_runs, stuff_runs, overlap)[0]
+
+
+def _paint_runs(height: int, width: int, lvis_runs: Sequence[ClassRuns],
+                stuff_runs: Sequence[ClassRuns],
+                overlap: str) -> tuple[np.ndarray, tuple[list[int], list[int]]]:
+    """The label map and its :func:`class_pixel_counts`, counted while painting."""
     if overlap not in OVERLAP_MODES:
         raise ValueError(f"overlap must be one of {OVERLAP_MODES}, not {overlap!r}")
-    masks = [(class_id, np.asarray(mask, dtype=bool)) for class_id, mask in lvis_masks]
+    ordered = list(lvis_runs)
     if overlap == "smaller":
-        masks.sort(key=lambda pair: int(np.count_nonzero(pair[1])))  # stable: ties keep order
-    label = np.zeros((height, width), dtype=np.uint16)
-    claimed = np.zeros((height, width), dtype=bool)
-    for class_id, mask in masks:
-        _paint_unclaimed(label, claimed, class_id, mask)
-    for class_id, mask in stuff_masks:
-        _paint_unclaimed(label, claimed, class_id, np.asarray(mask, dtype=bool))
-    return label
+        ordered.sort(key=lambda pair: rle.runs_area(pair[1]))  # stable: ties keep file order
+    label_t = np.zeros(height * width, dtype=np.uint16)  # column-major, as runs count
+    claimed_t = np.zeros(height * width, dtype=bool)
+    painted: dict[int, int] = {}
+    for class_id, runs in [*ordered, *stuff_runs]:
+        if int(runs.sum()) != height * width:
+            raise ValueError(f"runs cover {int(runs.sum())} pixels, the map has "
+                             f"{height * width}")
+        got = rle.paint_runs(label_t, claimed_t, runs, class_id)
+        if got and class_id:
+            painted[class_id] = painted.get(class_id, 0) + got
+    ids = sorted(painted)
+    return (np.ascontiguousarray(label_t.reshape(width, height).T),
+            (ids, [painted[i] for i in ids]))
 
 
-def _paint_unclaimed(label: np.ndarray, claimed: np.ndarray, class_id: int,
-                     mask: np.ndarray) -> None:
-    """Give ``class_id`` to the mask's pixels nobody claimed yet; they are claimed afterwards."""
-    if not 0 <= class_id <= np.iinfo(np.uint16).max:
-        raise ValueError(f"class id {class_id} does not fit a uint16 label map")
-    if mask.shape != label.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from label map {label.shape}")
-    label[mask & ~claimed] = class_id
-    claimed |= mask
+def _runs_of(counts: bytes | str, height: int, width: int) -> np.ndarray:
+    """Run lengths of a compressed string that pycocotools itself produced."""
+    status, runs = rle.decode_counts(counts, height, width, canonical=False)
+    if status != rle.COUNTS_OK:
+        raise RuntimeError(f"pycocotools produced an RLE that does not decode (status {status})")
+    return runs
 
 
 def encode_label_png(label: np.ndarray) -> bytes:
-    """The label map as 16-bit grayscale PNG bytes (same array -> same bytes)."""
+    """The label map as 16-bit grayscale PNG bytes (same array -> same bytes).
+
+    Written by libpng through OpenCV with :data:`PNG_FILTER` / :data:`PNG_STRATEGY` (Pillow
+    has no filter choice); any PNG reader gives the same uint16 array back.
+    """
     if label.dtype != np.uint16 or label.ndim != 2:
         raise ValueError(f"label map must be a 2-D uint16 array, not {label.dtype} {label.shape}")
-    buffer = io.BytesIO()
-    Image.fromarray(label).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buffer.getvalue()
+    import cv2
+
+    ok, data = cv2.imencode(".png", label, png_parameters(PNG_FILTER, PNG_STRATEGY,
+                                                          PNG_COMPRESSION))
+    if not ok:
+        raise RuntimeError(f"PNG encoding of a {label.shape} label map failed")
+    return data.tobytes()
+
+
+def png_parameters(filter_name: str, strategy: str, compression: int) -> list[int]:
+    """OpenCV ``imencode`` parameters for a PNG filter, zlib strategy and level."""
+    import cv2
+
+    filters = {"none": cv2.IMWRITE_PNG_FILTER_NONE, "sub": cv2.IMWRITE_PNG_FILTER_SUB,
+               "up": cv2.IMWRITE_PNG_FILTER_UP, "paeth": cv2.IMWRITE_PNG_FILTER_PAETH,
+               "fast": cv2.IMWRITE_PNG_FAST_FILTERS}
+    strategies = {"default": cv2.IMWRITE_PNG_STRATEGY_DEFAULT,
+                  "filtered": cv2.IMWRITE_PNG_STRATEGY_FILTERED,
+                  "rle": cv2.IMWRITE_PNG_STRATEGY_RLE}
+    return [cv2.IMWRITE_PNG_COMPRESSION, compression, cv2.IMWRITE_PNG_STRATEGY,
+            strategies[strategy], cv2.IMWRITE_PNG_FILTER, filters[filter_name]]
 
 
 def decode_label_png(data: bytes) -> np.ndarray:
@@ -169,69 +234,41 @@ def check_segmentation(ann: dict, height: int, width: int) -> None:
         raise ItemFailure(f"annotation {ann_id}: segmentation is neither polygons nor RLE")
 
 
-def _check_decoded(ann: dict, mask: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Verify a decoded mask; a compressed RLE must round-trip (catches too-short counts)."""
+def segmentation_runs(ann: dict, height: int, width: int) -> np.ndarray:
+    """The annotation's mask as COCO run lengths, made as the official APIs make its RLE.
+
+    Raises ItemFailure (naming the annotation id) for a segmentation that cannot be decoded
+    right (see :func:`check_segmentation`; a compressed string must be well-formed, cover
+    exactly the image and be in the canonical form pycocotools' encoder writes).
+    """
+    check_segmentation(ann, height, width)
     ann_id = ann.get("id")
-    if mask.shape != (height, width):
-        raise ItemFailure(f"annotation {ann_id}: decoded mask is {mask.shape[1]}x{mask.shape[0]}, "
-                          f"the image {width}x{height}")
-    if mask.size and mask.max() > 1:
-        raise ItemFailure(f"annotation {ann_id}: RLE does not decode to a binary mask")
-    counts = ann["segmentation"].get("counts") if isinstance(ann["segmentation"], dict) else None
-    if isinstance(counts, str):
-        again = mask_utils.encode(np.asfortranarray(mask))["counts"].decode("ascii")
-        if again != counts:
+    segmentation = ann["segmentation"]
+    if isinstance(segmentation, dict) and isinstance(segmentation["counts"], list):
+        return np.asarray(segmentation["counts"], dtype=np.int64)  # checked: sums to h*w
+    if isinstance(segmentation, dict):
+        status, runs = rle.decode_counts(segmentation["counts"], height, width)
+        if status == rle.COUNTS_OK:
+            return runs
+        if status in (rle.COUNTS_SHORT, rle.COUNTS_NOT_CANONICAL):
             raise ItemFailure(f"annotation {ann_id}: compressed RLE does not encode a full "
                               f"{width}x{height} mask")
-    return mask.view(bool)
+        covered = f" (covers {int(runs.sum())} pixels, the image has {height * width})" \
+            if status == rle.COUNTS_LONG else " (not a pycocotools counts string)"
+        raise ItemFailure(f"annotation {ann_id}: cannot decode segmentation{covered}")
+    try:
+        with warnings.catch_warnings():  # pycocotools' numpy-2 __array__ DeprecationWarning
+            warnings.simplefilter("ignore", DeprecationWarning)
+            parts = mask_utils.frPyObjects(segmentation, height, width)
+            merged = parts[0] if len(parts) == 1 else mask_utils.merge(parts)  # same result
+    except Exception as exc:  # pycocotools raises ValueError/TypeError for odd input
+        raise ItemFailure(f"annotation {ann_id}: cannot decode segmentation "
+                          f"({type(exc).__name__}: {' '.join(str(exc).split())})") from exc
+    return _runs_of(merged["counts"], height, width)
 
 
-# --- the official per-image API objects -------------------------------------------------------
-
-def _image_dataset(item: ImageItem, annotations: list[dict]) -> dict:
-    image = {"id": item.image_id, "height": item.height, "width": item.width}
-    return {"images": [image], "annotations": annotations, "categories": []}
-
-
-class _ItemLVIS(LVIS):
-    """The LVIS API over one image's already-parsed annotations (no file is read again)."""
-
-    def _load_json(self, path):  # LVIS.__init__ hands its argument here: it is the dataset
-        return path
-
-
-def _decode_with(api_to_mask, item: ImageItem, annotations: list[dict]) -> list[ClassMask]:
-    masks = []
-    for ann in annotations:
-        check_segmentation(ann, item.height, item.width)
-        try:
-            with warnings.catch_warnings():  # pycocotools' numpy-2 __array__ DeprecationWarning
-                warnings.simplefilter("ignore", DeprecationWarning)
-                mask = api_to_mask(ann)
-        except Exception as exc:  # pycocotools raises ValueError/TypeError for bad RLE strings
-            raise ItemFailure(f"annotation {ann.get('id')}: cannot decode segmentation "
-                              f"({type(exc).__name__}: {' '.join(str(exc).split())})") from exc
-        masks.append((ann["class_id"], _check_decoded(ann, mask, item.height, item.width)))
-    return masks
-
-
-def decode_lvis_masks(item: ImageItem) -> list[ClassMask]:
-    """(class id, HxW bool mask) of the item's LVIS annotations via ``LVIS.ann_to_mask``."""
-    if not item.lvis_anns:
-        return []
-    api = _ItemLVIS(_image_dataset(item, item.lvis_anns))
-    return _decode_with(api.ann_to_mask, item, item.lvis_anns)
-
-
-def decode_stuff_masks(item: ImageItem) -> list[ClassMask]:
-    """(class id, HxW bool mask) of the item's COCO-Stuff annotations via ``COCO.annToMask``."""
-    if not item.stuff_anns:
-        return []
-    with contextlib.redirect_stdout(io.StringIO()):  # COCO prints "creating index..."
-        api = COCO()
-        api.dataset = _image_dataset(item, item.stuff_anns)
-        api.createIndex()
-    return _decode_with(api.annToMask, item, item.stuff_anns)
+def _class_runs(annotations: list[dict], height: int, width: int) -> list[ClassRuns]:
+    return [(ann["class_id"], segmentation_runs(ann, height, width)) for ann in annotations]
 
 
 # --- one image, end to end -------------------------------------------------------------------
@@ -255,18 +292,24 @@ def _read_image_bytes(path: Path) -> bytes:
 def stored_image_size(data: bytes) -> tuple[int, int]:
     """(width, height) of the stored pixel grid after a full decode by content (no EXIF turn).
 
-    Raises ItemFailure for bytes that no decoder accepts or that end early.
+    Raises ItemFailure for bytes that no decoder accepts or that end early. A JPEG is decoded
+    at 1/8 scale (``draft``): libjpeg still reads and entropy-decodes every block, so a
+    damaged or truncated file fails the same way, at about half the cost of a full decode.
     """
     try:
         with Image.open(io.BytesIO(data)) as image:
+            size = image.size
+            if image.format == "JPEG":
+                image.draft(image.mode, (max(1, size[0] // 8), max(1, size[1] // 8)))
             image.load()
-            return image.size
+            return size
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
         raise ItemFailure(f"image cannot be decoded ({type(exc).__name__}: "
                           f"{_one_line(exc)})") from exc
 
 
-def _class_pixel_counts(label: np.ndarray) -> tuple[list[int], list[int]]:
+def class_pixel_counts(label: np.ndarray) -> tuple[list[int], list[int]]:
+    """The class ids present in a label map (0 excluded) and their pixel counts."""
     counts = np.bincount(label.ravel())
     present = np.flatnonzero(counts)
     present = present[present > 0]
@@ -284,10 +327,9 @@ def _process(item: ImageItem, images_root: Path, overlap: str) -> ImageResult:
     if (width, height) != (item.width, item.height):
         raise ItemFailure(f"image is {width}x{height} pixels but the annotations say "
                           f"{item.width}x{item.height} (width x height)")
-    label = paint_label_map(height=item.height, width=item.width,
-                            lvis_masks=decode_lvis_masks(item),
-                            stuff_masks=decode_stuff_masks(item), overlap=overlap)
-    class_ids, pixel_counts = _class_pixel_counts(label)
+    label, (class_ids, pixel_counts) = _paint_runs(
+        item.height, item.width, _class_runs(item.lvis_anns, item.height, item.width),
+        _class_runs(item.stuff_anns, item.height, item.width), overlap)
     meta = {"image_id": item.image_id, "height": item.height, "width": item.width,
             "file_name": item.file_name, "n_lvis": len(item.lvis_anns),
             "n_stuff": len(item.stuff_anns), "classes": class_ids}
@@ -316,11 +358,12 @@ def process_image(item: ImageItem, images_root: Path, *, overlap: str = "first")
 __all__ = [
     "ImageResult",
     "check_segmentation",
+    "class_pixel_counts",
     "decode_label_png",
-    "decode_lvis_masks",
-    "decode_stuff_masks",
     "encode_label_png",
     "paint_label_map",
+    "paint_runs_label_map",
     "process_image",
+    "segmentation_runs",
     "stored_image_size",
 ]

@@ -164,6 +164,16 @@ def map_unordered(
             yield key, result
 
 
+def task_exception(error: BaseException) -> BaseException | None:
+    """The exception that a task's own code raised (from an error :func:`map_unordered`
+    yielded), or None when the task died with its worker (crash, memory, lost node)."""
+    import ray
+
+    if isinstance(error, ray.exceptions.RayTaskError):
+        return error.cause if isinstance(error.cause, BaseException) else error
+    return None
+
+
 def _import_modules(modules: tuple[str, ...], hold_seconds: float) -> int:
     """Warm-up task body: import ``modules`` in this worker, then hold the CPU slot briefly."""
     import importlib

@@ -11,7 +11,14 @@ Run directory ``RUN`` (``--out``):
   ``last.prev.pt``), ``best.pt`` by val mIoU when val shards are given;
 - ``metrics.jsonl``: one row per step (``kind: train``: step, loss and its parts, lr,
   images/s, bad samples skipped so far) and one per evaluation (``kind: eval``: val mIoU,
-  pixel accuracy, ..., group mIoUs).
+  pixel accuracy, ..., group mIoUs);
+- ``curves.png``: loss and val mIoU against step (:mod:`embseg.curves`), redrawn from
+  ``metrics.jsonl`` at each evaluation and at the end.
+
+Progress: a tqdm bar on the terminal, and ``train(config, progress=hook)`` calls ``hook`` with
+a :class:`TrainProgress` when the run starts, after every step and evaluation, and at the
+end, so that a caller (the Prefect flow) can show it elsewhere; the library itself stays
+free of any orchestrator.
 
 ``resume`` continues from ``last.pt``: model, optimizer, scheduler, step, RNG states and the
 loader position, so that on CPU with a fixed seed the losses after the resume equal those of
@@ -27,9 +34,10 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -44,6 +52,7 @@ from embseg.checkpoint import (
     set_rng_state,
     vocabulary_record,
 )
+from embseg.curves import write_curves
 from embseg.data import BAD_SAMPLE_POLICIES, LoaderState, TrainBatches, train_loader
 from embseg.errors import EmbsegError
 from embseg.evaluate import EvalReport, evaluate_model, resolve_device, shard_vocabulary
@@ -59,11 +68,12 @@ POLY_POWER = 0.9
 RUN_DEFINING_FIELDS = ("head", "backbone", "output_stride", "embed_dim", "k", "temperature",
                        "margin", "batch_size", "crop_size", "lr", "num_workers", "seed",
                        "shuffle_buffer", "embed_bn", "dropout", "backbone_lr_mult",
-                       "class_lr_mult")
+                       "class_lr_mult", "repeat_threshold")
 """Settings a resumed run must share with the checkpoint (they shape the model or the data)."""
 
 SETTINGS_BEFORE_THEY_WERE_OPTIONS = {"embed_bn": False, "dropout": 0.5,
-                                     "backbone_lr_mult": 0.1, "class_lr_mult": 1.0}
+                                     "backbone_lr_mult": 0.1, "class_lr_mult": 1.0,
+                                     "repeat_threshold": None}
 """What runs whose checkpoints predate these options did (a resume compares against it)."""
 
 
@@ -99,14 +109,9 @@ class TrainConfig:
     on_bad_sample: str = "skip"
     no_progress: bool = False
     shuffle_buffer: int = 256
+    repeat_threshold: float | None = None  # repeat-factor sampling's t (embseg.sampling); off
     eval_batch_size: int = 4
     init_checkpoint: Path | None = None  # fine-tuning: a new run starts from these weights
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
-        """The config of parsed ``embseg train`` options (unknown attributes ignored)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in vars(args).items() if k in names})
 
     def to_record(self) -> dict[str, Any]:
         """Plain values (paths as strings) for checkpoints and logs."""
@@ -121,7 +126,8 @@ class TrainConfig:
                  "num_workers": self.num_workers >= 0, "checkpoint_every": self.checkpoint_every >= 1,
                  "eval_every": self.eval_every is None or self.eval_every >= 1,
                  "on_bad_sample": self.on_bad_sample in BAD_SAMPLE_POLICIES,
-                 "shuffle_buffer": self.shuffle_buffer >= 0}
+                 "shuffle_buffer": self.shuffle_buffer >= 0,
+                 "repeat_threshold": self.repeat_threshold is None or self.repeat_threshold > 0}
         for name, ok in rules.items():
             if not ok:
                 raise EmbsegError(f"train setting {name}={getattr(self, name)!r} is out of range")
@@ -136,6 +142,34 @@ class TrainResult:
     best_checkpoint: Path | None
     step: int
     metrics: dict[str, Any]
+    curves: Path | None = None
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """Where a run stands, as passed to the ``progress`` hook of :func:`train`.
+
+    ``event``: ``start`` (before the first step; ``step`` > 0 when resuming), ``step`` (after
+    each training step), ``eval`` (after each validation) or ``end``. ``loss`` is the last
+    step's, ``val_miou`` the last evaluation's (None before the first one).
+    """
+
+    event: Literal["start", "step", "eval", "end"]
+    step: int
+    steps: int
+    loss: float | None
+    val_miou: float | None
+    best_val_miou: float | None
+    run_dir: Path
+
+    @property
+    def fraction(self) -> float:
+        """Share of the run's steps done, 0..1."""
+        return min(1.0, self.step / self.steps) if self.steps else 1.0
+
+
+ProgressHook = Callable[[TrainProgress], None]
+"""Called by :func:`train` with each :class:`TrainProgress`; it must return quickly."""
 
 
 class MetricsLog:
@@ -343,6 +377,20 @@ class _Session:
         return (f"step {self.state.step}: val mIoU {100 * report.miou:.2f} "
                 f"(best {100 * (self.state.best_miou or 0):.2f})")
 
+    def write_curves(self) -> Path:
+        """Redraw ``RUN/curves.png`` from ``metrics.jsonl``."""
+        path = Path(self.config.out) / "curves.png"
+        write_curves(self.metrics_log.rows(), path, source=str(self.metrics_log.path),
+                     title=f"{self.config.head} head, {self.config.backbone} backbone: "
+                           f"{Path(self.config.out).name}")
+        return path
+
+    def progress(self, event: str, loss: float | None) -> TrainProgress:
+        """The run's :class:`TrainProgress` now."""
+        return TrainProgress(event=event, step=self.state.step, steps=self.config.steps,
+                             loss=loss, val_miou=(self.state.last_eval or {}).get("val_miou"),
+                             best_val_miou=self.state.best_miou, run_dir=Path(self.config.out))
+
 
 def _start(config: TrainConfig, device: torch.device) -> _Session:
     """Build or restore everything a run needs (resume, fine-tuning init, loader position)."""
@@ -364,14 +412,27 @@ def _start(config: TrainConfig, device: torch.device) -> _Session:
                            seed=config.seed, num_workers=config.num_workers,
                            shuffle_buffer=config.shuffle_buffer,
                            on_bad_sample=config.on_bad_sample, state=state.loader_state,
-                           start_step=state.step, pin_memory=device.type == "cuda")
+                           start_step=state.step, pin_memory=device.type == "cuda",
+                           repeat_threshold=config.repeat_threshold)
     return _Session(config=config, vocab=vocab, device=device, model=model,
                     optimizer=optimizer, scheduler=scheduler, state=state, batches=batches,
                     metrics_log=metrics_log)
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Train (or, with ``config.resume``, continue training) and return the run's result."""
+def _last_train_row(metrics_log: MetricsLog) -> dict[str, Any]:
+    return next((r for r in reversed(metrics_log.rows()) if r.get("kind") == "train"), {})
+
+
+def train(config: TrainConfig, *, progress: ProgressHook | None = None) -> TrainResult:
+    """Train (or, with ``config.resume``, continue training) and return the run's result.
+
+    ``progress``: called with a :class:`TrainProgress` at the start, after every step and
+    evaluation, and at the end (see :data:`ProgressHook`).
+    """
+    def report(event: str, loss: float | None) -> None:
+        if progress is not None:
+            progress(run.progress(event, loss))
+
     config.check()
     device = resolve_device(config.device)
     run_dir = Path(config.out)
@@ -381,39 +442,45 @@ def train(config: TrainConfig) -> TrainResult:
                           f"continue it or choose another --out")
     run = _start(config, device)
     eval_every = config.eval_every if config.eval_every is not None else config.checkpoint_every
-    row: dict[str, Any] = {}
-    progress = tqdm(total=config.steps, initial=run.state.step, disable=config.no_progress,
-                    dynamic_ncols=True, desc="train")
+    row: dict[str, Any] = _last_train_row(run.metrics_log) if run.state.step else {}
+    bar = tqdm(total=config.steps, initial=run.state.step, disable=config.no_progress,
+               dynamic_ncols=True, desc="train")
+    report("start", row.get("loss"))
     run.model.train()
     try:
         while run.state.step < config.steps:
             row = run.train_step()
-            progress.update(1)
-            progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                                 img_s=f"{row['images_per_second']:.1f}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                            img_s=f"{row['images_per_second']:.1f}")
+            report("step", row["loss"])
             if config.val_shards is not None and _is_due(row["step"], eval_every, config.steps):
-                progress.write(run.validate(best_path))
+                bar.write(run.validate(best_path))
+                run.write_curves()
+                report("eval", row["loss"])
             if _is_due(row["step"], config.checkpoint_every, config.steps):
                 save_checkpoint(run.payload(), last_path, keep_previous=True)
     finally:
-        progress.close()
+        bar.close()
         run.batches.close()
     bad_samples = run.batches.bad_samples
     if bad_samples:
         log.warning("%d bad samples were skipped (see metrics.jsonl)", bad_samples)
-    if not row:  # resumed a finished run: report its last logged step
-        row = next((r for r in reversed(run.metrics_log.rows()) if r.get("kind") == "train"), {})
+    curves = run.write_curves()
+    report("end", row.get("loss"))
     final = {"loss": row.get("loss"), "bad_samples": bad_samples,
              "best_val_miou": run.state.best_miou,
              "val_miou": (run.state.last_eval or {}).get("val_miou")}
     return TrainResult(run_dir=run_dir, last_checkpoint=last_path,
                        best_checkpoint=best_path if best_path.exists() else None,
-                       step=run.state.step, metrics=final)
+                       step=run.state.step, metrics=final, curves=curves)
 
 
 def cli_train(args: argparse.Namespace) -> int:
     """``embseg train``: run training and print where the checkpoints and metrics are."""
-    config = TrainConfig.from_args(args)
+    from embseg.recipes import config_from_args
+
+    config = config_from_args(args)
     print(f"training run in {config.out} (metrics: {Path(config.out) / 'metrics.jsonl'})",
           flush=True)
     result = train(config)
@@ -423,5 +490,5 @@ def cli_train(args: argparse.Namespace) -> int:
     print(f"last checkpoint: {result.last_checkpoint}")
     if result.best_checkpoint is not None:
         print(f"best checkpoint: {result.best_checkpoint} (val mIoU {result.metrics['best_val_miou']})")
-    print(f"metrics: {result.run_dir / 'metrics.jsonl'}")
+    print(f"metrics: {result.run_dir / 'metrics.jsonl'}, curves: {result.curves}")
     return 0

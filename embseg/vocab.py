@@ -1,9 +1,18 @@
-"""The merged LVIS v1 + COCO-Stuff vocabulary (1284 classes for the real category lists).
+"""The class table of a dataset: the merged LVIS v1 + COCO-Stuff vocabulary (1284 classes for
+the real category lists), or the table of another dataset's format (:mod:`embseg.formats`).
 
 Merge rule (Jain et al., ICCV 2021): every LVIS category keeps its id (1..N); a COCO-Stuff stuff
 category (ids 92..182) whose name equals an LVIS name exactly merges into that LVIS class
 (source ``both``); every other stuff category gets the next new id (N+1, ...) in ascending
 COCO-Stuff id order. COCO-Stuff ``other`` (id 183) is not a class: its pixels are unlabeled (0).
+
+Other datasets (ADE20K, Cityscapes, Pascal VOC, COCO-Stuff label maps, a generic label-map
+folder) keep their own class tables: their classes carry the dataset as ``source``, the class's
+id in that dataset's own table as ``source_id`` and an evaluation ``group`` from the dataset's
+own table (ADE20K stuff/thing, Cityscapes categories, ...). A vocabulary whose classes name
+their groups reports those groups; one whose classes name none (every LVIS vocabulary, also
+``classes.parquet`` files written before these columns existed) reports LVIS's
+rare/common/frequent and stuff.
 
 The vocabulary is stored as ``classes.parquet`` (one row per class, ids 1..C contiguous);
 checkpoints record :meth:`Vocabulary.content_hash` so that a model is never evaluated against a
@@ -22,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from embseg.errors import EmbsegError
-from embseg.fileio import write_atomically
+from embseg.fileio import write_bytes_atomically
 
 STUFF_FIRST_ID = 92
 STUFF_LAST_ID = 182
@@ -30,14 +39,24 @@ STUFF_OTHER_ID = 183
 STUFF_OTHER_NAME = "other"
 FREQUENCY_GROUPS = {"r": "rare", "c": "common", "f": "frequent"}
 GROUP_NAMES = ("rare", "common", "frequent", "stuff")
-SOURCES = ("lvis", "coco_stuff", "both")
+LVIS_SOURCES = ("lvis", "coco_stuff", "both")
+FORMAT_SOURCES = ("ade20k", "cityscapes", "voc", "coco_stuff_164k", "labelmap")
+SOURCES = LVIS_SOURCES + FORMAT_SOURCES
 PARQUET_COLUMNS = ("id", "name", "source", "lvis_id", "coco_stuff_id", "frequency", "synonyms")
+OPTIONAL_COLUMNS = ("group", "source_id")  # absent from files written before the formats
 _OTHER_IDS_KEY = b"embseg.stuff_other_ids"
 
 
 @dataclass(frozen=True)
 class VocabClass:
-    """One class of the merged vocabulary (``id`` is the label-map value, 1..C)."""
+    """One class of the vocabulary (``id`` is the label-map value, 1..C).
+
+    ``group`` is the class's evaluation group where its dataset's table defines one (None for
+    LVIS classes: their groups follow from ``source`` and ``frequency``); ``source_id`` is the
+    class's id in its dataset's own table (ADE20K index, Cityscapes label id, VOC index, COCO
+    category id, the generic label map's value; None for LVIS, whose ids are ``lvis_id`` /
+    ``coco_stuff_id``).
+    """
 
     id: int
     name: str
@@ -46,6 +65,8 @@ class VocabClass:
     coco_stuff_id: int | None
     frequency: str | None
     synonyms: tuple[str, ...] = field(default=())
+    group: str | None = None
+    source_id: int | None = None
 
     def __post_init__(self) -> None:
         # Accept any sequence (e.g. a list read from JSON) but store a tuple: hashable, immutable.
@@ -100,11 +121,22 @@ class Vocabulary:
         return [cls for cls in self.classes if cls.source == "both"]
 
     def groups(self) -> dict[str, list[int]]:
-        """Class ids per evaluation group: LVIS ``rare``/``common``/``frequent`` and ``stuff``.
+        """Class ids per evaluation group.
 
-        A ``both`` class counts in its LVIS frequency group; an LVIS class without a frequency is
-        in no group.
+        When any class names its ``group`` (the other datasets' tables), the groups are those
+        names in order of first appearance, and a class without one is in no group. Otherwise an
+        LVIS vocabulary has ``rare``/``common``/``frequent`` and ``stuff``, always all four (a
+        ``both`` class counts in its LVIS frequency group, an LVIS class without a frequency is
+        in no group), and any other (e.g. a generic label map's) has none.
         """
+        if any(cls.group is not None for cls in self.classes):
+            named: dict[str, list[int]] = {}
+            for cls in self.classes:
+                if cls.group is not None:
+                    named.setdefault(cls.group, []).append(cls.id)
+            return named
+        if any(cls.source not in LVIS_SOURCES for cls in self.classes):
+            return {}
         groups: dict[str, list[int]] = {name: [] for name in GROUP_NAMES}
         for cls in self.classes:
             if cls.source == "coco_stuff":
@@ -125,10 +157,13 @@ class Vocabulary:
 
     def write_parquet(self, path: Path) -> None:
         """Write ``classes.parquet`` atomically (temporary file in the same folder, then rename)."""
+        write_bytes_atomically(Path(path), self.parquet_bytes())
+
+    def parquet_bytes(self) -> bytes:
+        """The bytes of ``classes.parquet`` (same vocabulary -> same bytes)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        path = Path(path)
         table = pa.table(
             {
                 "id": pa.array([c.id for c in self.classes], pa.int32()),
@@ -139,12 +174,16 @@ class Vocabulary:
                 "frequency": pa.array([c.frequency for c in self.classes], pa.string()),
                 "synonyms": pa.array([list(c.synonyms) for c in self.classes],
                                      pa.list_(pa.string())),
+                "group": pa.array([c.group for c in self.classes], pa.string()),
+                "source_id": pa.array([c.source_id for c in self.classes], pa.int32()),
             }
         )
         table = table.replace_schema_metadata(
             {_OTHER_IDS_KEY: json.dumps(list(self.stuff_other_ids)).encode()}
         )
-        write_atomically(path, lambda tmp: pq.write_table(table, tmp))
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer)
+        return buffer.getvalue().to_pybytes()
 
     @classmethod
     def read_parquet(cls, path: Path) -> Vocabulary:
@@ -161,14 +200,16 @@ class Vocabulary:
         missing = [c for c in PARQUET_COLUMNS if c not in table.column_names]
         if missing:
             raise EmbsegError(f"{path}: not a classes.parquet (missing columns {missing})")
-        rows = table.select(list(PARQUET_COLUMNS)).to_pylist()
+        present = [c for c in OPTIONAL_COLUMNS if c in table.column_names]
+        rows = table.select([*PARQUET_COLUMNS, *present]).to_pylist()
         metadata = table.schema.metadata or {}
         other_ids = (json.loads(metadata[_OTHER_IDS_KEY]) if _OTHER_IDS_KEY in metadata
                      else [STUFF_OTHER_ID])
         classes = [
             VocabClass(id=row["id"], name=row["name"], source=row["source"],
                        lvis_id=row["lvis_id"], coco_stuff_id=row["coco_stuff_id"],
-                       frequency=row["frequency"], synonyms=row["synonyms"] or ())
+                       frequency=row["frequency"], synonyms=row["synonyms"] or (),
+                       group=row.get("group"), source_id=row.get("source_id"))
             for row in rows
         ]
         try:
@@ -348,7 +389,13 @@ def build_vocabulary(lvis_path: Path, stuff_paths: list[Path]) -> Vocabulary:
 
 
 def summary_line(vocab: Vocabulary) -> str:
-    """One line for humans: class count, where they come from, the merged pairs."""
+    """One line for humans: class count, where they come from, the merged pairs (LVIS) or the
+    groups (other datasets)."""
+    sources = sorted({c.source for c in vocab.classes})
+    if vocab.classes and not set(sources) <= set(LVIS_SOURCES):
+        groups = ", ".join(f"{len(ids)} {name}" for name, ids in vocab.groups().items())
+        return (f"{vocab.num_classes} classes ({', '.join(sources)})"
+                + (f": {groups}" if groups else ""))
     n_lvis = sum(1 for c in vocab.classes if c.lvis_id is not None)
     n_new_stuff = vocab.num_classes - n_lvis
     merged = vocab.merged_pairs()

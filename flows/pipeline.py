@@ -5,7 +5,8 @@
 2. ``dataset-rebuild`` of the train and val splits (skipped when up to date);
 3. ``train`` into ``<runs>/pipeline-<flow run name>``;
 4. ``evaluate`` on the val shards (the mIoU table artifact);
-5. ``predict`` a few val images (label maps, colour pictures, overlays, legends).
+5. ``predict`` the first few val samples: per sample a triptych (image | ground truth |
+   prediction, enlarged to >= 512 px, with its legend), the label map, colours, overlay.
 
 The parameter defaults are the demo configuration: ``python -m flows.pipeline`` (``make demo``)
 runs it in-process on Prefect's local ephemeral API, local Ray, synthetic data and the CPU,
@@ -15,6 +16,7 @@ same configuration on a worker.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import sys
@@ -28,7 +30,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from embseg.errors import EmbsegError
-from embseg.predict import predict_images
+from embseg.predict import predict_shards
+from embseg.recipes import read_recipe
 from embseg.synth import SynthDataset, generate_synthetic
 from flows._common import flow_run_label
 from flows.evaluate import evaluate_flow
@@ -36,8 +39,8 @@ from flows.rebuild import SplitSource, dataset_rebuild
 from flows.train import train_flow
 
 SYNTHETIC_STAMP = "pipeline-synthetic.json"
-ARTIFACT_KEYS = ("pipeline-summary", "dataset-train", "dataset-val", "train-report",
-                 "evaluation-report")
+ARTIFACT_KEYS = ("pipeline-summary", "dataset-train", "dataset-val", "train-progress",
+                 "train-figures", "train-report", "evaluation-report")
 
 
 @task(name="synthetic-data", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
@@ -80,17 +83,13 @@ def _reusable_synthetic(stamp: Path, settings: dict[str, Any]) -> SynthDataset |
 
 
 @task(name="predict", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
-def predict_task(checkpoint: Path, val_shards: Path, images_root: Path, out: Path, *,
-                 count: int, device: str) -> list[dict[str, Any]]:
-    """Segment the first ``count`` val images that built fine; write the pictures to ``out``."""
-    table = pq.read_table(Path(val_shards) / "manifest.parquet", columns=["key", "status",
-                                                                          "rel_path"])
-    rows = sorted((r for r in table.to_pylist() if r["status"] == "ok"), key=lambda r: r["key"])
-    paths = [Path(images_root) / row["rel_path"] for row in rows[:count]]
-    if not paths:
-        get_run_logger().warning("no val image to predict on")
-        return []
-    return predict_images(checkpoint, paths, out, device=device)
+def predict_task(checkpoint: Path, val_shards: Path, out: Path, *, count: int,
+                 device: str) -> list[dict[str, Any]]:
+    """Segment the first ``count`` val samples; write their triptychs (with ground truth)."""
+    results = predict_shards(checkpoint, val_shards, out, count=count, device=device)
+    get_run_logger().info("%d triptychs (image | ground truth | prediction) in %s",
+                          len(results), out)
+    return results
 
 
 def _data_sources(*, lvis_train: Path | None, coco_stuff_train: list[Path] | None,
@@ -139,13 +138,37 @@ def summary_markdown(result: dict[str, Any]) -> str:
              f"- data: {result['data']}",
              f"- shards: `{result['shards']['train']}`, `{result['shards']['val']}`",
              f"- checkpoint: `{result['checkpoint']}` (step {result['step']})",
-             f"- metrics: `{result['metrics_file']}`",
+             f"- metrics: `{result['metrics_file']}`, curves: `{result['curves']}`",
              f"- evaluation tables: `{result['eval_dir']}`",
-             f"- prediction pictures: `{result['predictions_dir']}` "
-             f"({len(result['predictions'])} images)",
+             f"- prediction triptychs (image | ground truth | prediction): "
+             f"`{result['predictions_dir']}` ({len(result['predictions'])} images)",
              f"- Prefect artifacts: {', '.join(f'`{key}`' for key in ARTIFACT_KEYS)}",
              "", "## Val mIoU table (%)", "", result["table_markdown"]]
     return "\n".join(lines)
+
+
+DEMO_TRAINING = ("head", "embed_dim", "k", "steps", "batch_size", "crop_size", "lr",
+                 "num_workers")
+"""The pipeline's training parameters: the demo's recipe (``configs/demo.yaml``)."""
+
+
+def demo_training_defaults() -> dict[str, Any]:
+    """The demo's training settings: the defaults of the :data:`DEMO_TRAINING` parameters."""
+    parameters = inspect.signature(pipeline.fn).parameters
+    return {name: parameters[name].default for name in DEMO_TRAINING}
+
+
+def _recipe_instead(settings: dict[str, Any], config: Path) -> dict[str, Any]:
+    """No demo settings when a recipe trains; a demo parameter changed as well is ambiguous.
+    Checked (and the recipe read) before any data work."""
+    changed = [name for name, value in settings.items()
+               if value != demo_training_defaults()[name]]
+    if changed:
+        raise EmbsegError(f"pipeline: config={config} replaces the demo's training settings; "
+                          f"give {', '.join(changed)} in train_options (they override the "
+                          f"recipe), not as pipeline parameters")
+    read_recipe(config)  # a bad recipe fails now, not after the shard build
+    return {}
 
 
 def _pct(value: float | None) -> str:
@@ -181,15 +204,27 @@ def pipeline(
     lr: float = 0.3,
     num_workers: int = 1,
     device: str = "cpu",
+    repeat_threshold: float | None = None,
     train_options: dict[str, Any] | None = None,
+    config: Path | None = None,
     predict_count: int = 4,
 ) -> dict[str, Any]:
     """Run the whole pipeline; defaults are the demo configuration (synthetic data, CPU).
 
     Real data: give ``lvis_train``, ``lvis_val``, ``coco_stuff_train``, ``coco_stuff_val`` and
-    ``images`` (the folder holding ``train2017/`` and ``val2017/``). ``train_options``: further
+    ``images`` (the folder holding ``train2017/`` and ``val2017/``). ``repeat_threshold``:
+    repeat-factor sampling in training (t; off when None). ``train_options``: further
     ``train`` flow parameters (e.g. ``{"backbone": "resnet50", "output_stride": 8}``).
+    ``config``: a recipe file (``configs/*.yaml``) for the train stage *instead of* the demo's
+    training settings (:data:`DEMO_TRAINING`: give changes to those in ``train_options``,
+    which override the recipe); ``seed``, ``device`` and ``repeat_threshold`` apply with or
+    without it. ``configs/demo.yaml`` is the demo's training settings as a recipe.
     """
+    demo = {"head": head, "embed_dim": embed_dim, "k": k, "steps": steps,
+            "batch_size": batch_size, "crop_size": crop_size, "lr": lr, "num_workers": num_workers}
+    options = {**(demo if config is None else _recipe_instead(demo, config)),
+               "device": device, "seed": seed, "repeat_threshold": repeat_threshold,
+               **(train_options or {})}
     sources = _data_sources(lvis_train=lvis_train, coco_stuff_train=coco_stuff_train,
                             lvis_val=lvis_val, coco_stuff_val=coco_stuff_val, images=images)
     if sources is None:
@@ -207,15 +242,12 @@ def pipeline(
                     ray_address=ray_address, workers=workers, force=force_rebuild)
     train_shards, val_shards = Path(shards) / "train", Path(shards) / "val"
     run_dir = Path(runs) / f"pipeline-{flow_run_label()}"
-    options = {"head": head, "embed_dim": embed_dim, "k": k, "steps": steps,
-               "batch_size": batch_size, "crop_size": crop_size, "lr": lr,
-               "num_workers": num_workers, "device": device, "seed": seed,
-               **(train_options or {})}
-    trained = train_flow(shards=train_shards, val_shards=val_shards, out=run_dir, **options)
+    trained = train_flow(shards=train_shards, val_shards=val_shards, out=run_dir,
+                         config=config, **options)
     evaluation = evaluate_flow(checkpoint=Path(trained["checkpoint"]), shards=val_shards,
                                out=run_dir / "eval-val", device=device)
-    predictions = predict_task(Path(trained["checkpoint"]), val_shards, images_root,
-                               run_dir / "predictions", count=predict_count, device=device)
+    predictions = predict_task(Path(trained["checkpoint"]), val_shards, run_dir / "predictions",
+                               count=predict_count, device=device)
     result = {
         "data": data,
         "shards": {"train": str(train_shards), "val": str(val_shards)},
@@ -225,7 +257,8 @@ def pipeline(
         "table_markdown": evaluation["table_markdown"],
         "chance": majority_class_baseline(Path(evaluation["files"]["per_class_parquet"])),
         "predictions_dir": str(run_dir / "predictions"),
-        "predictions": [p["overlay"] for p in predictions],
+        "curves": trained.get("curves"),
+        "predictions": [p["triptych"] for p in predictions],
         "artifacts": list(ARTIFACT_KEYS),
     }
     create_markdown_artifact(key="pipeline-summary", markdown=summary_markdown(result),

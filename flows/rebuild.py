@@ -64,7 +64,7 @@ def plan_task(source: SplitSource, *, images: Path, out: Path, shard_size: int,
     plan = plan_build(lvis=source.lvis, coco_stuff=list(source.coco_stuff), images=images,
                       out=out, split=source.split, shard_size=shard_size, overlap=overlap)
     get_run_logger().info("plan %s: %d images in %d shards, input hash %s", source.split,
-                          len(plan.inputs.items), len(plan.shards), plan.input_hash[:16])
+                          plan.n_images, len(plan.shards), plan.input_hash[:16])
     return plan
 
 
@@ -184,9 +184,9 @@ def _up_to_date(plan: BuildPlan, out: Path, *, force: bool) -> bool:
 
 def _check_same_vocabulary(plan: BuildPlan, vocab: Vocabulary, reference: SplitSource) -> None:
     """Every split must share the vocabulary: a model is only scored on its own class table."""
-    if plan.inputs.vocab.content_hash() != vocab.content_hash():
-        raise EmbsegError(f"{plan.inputs.source_files[0]}: split {plan.split!r} gives a different "
-                          f"vocabulary ({plan.inputs.vocab.num_classes} classes) than "
+    if plan.vocab.content_hash() != vocab.content_hash():
+        raise EmbsegError(f"{plan.source_files[0]}: split {plan.split!r} gives a different "
+                          f"vocabulary ({plan.vocab.num_classes} classes) than "
                           f"{reference.lvis} ({vocab.num_classes} classes)")
 
 

@@ -21,6 +21,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from embseg.checkpoint import load_checkpoint
+from embseg.recipes import read_recipe
 from embseg.vocab import Vocabulary
 from flows._common import flow_run_label, markdown_table
 from flows.evaluate import evaluate_flow
@@ -98,21 +99,29 @@ def retrain(
     ray_address: str | None = None,
     workers: int | None = None,
     force_rebuild: bool = False,
-    steps: int = 1000,
-    batch_size: int = 8,
-    crop_size: int = 256,
-    lr: float = 0.01,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    crop_size: int | None = None,
+    lr: float | None = None,
     device: str = "cpu",
+    repeat_threshold: float | None = None,
     train_options: dict[str, Any] | None = None,
+    config: Path | None = None,
 ) -> dict[str, Any]:
     """Rebuild, train, evaluate and maybe promote; returns the decision and both scores.
 
     ``splits`` as for ``dataset-rebuild`` (must include ``train_split`` and ``val_split``);
+    ``repeat_threshold``: repeat-factor sampling in training (t; off when None).
     ``train_options``: further ``train`` flow parameters (e.g. ``{"head": "softmax"}``).
+    ``config``: a recipe file (``configs/*.yaml``) for the train stage; ``steps``,
+    ``batch_size``, ``crop_size``, ``lr`` and ``train_options`` override it where given (None:
+    the recipe's, else the trainer's default); ``device`` is every stage's.
     ``fine_tune=False`` trains from scratch (``backbone_weights`` in ``train_options`` still
     apply).
     """
     notes: list[str] = []
+    if config is not None:
+        read_recipe(config)  # a bad recipe fails now, not after the rebuild
     rebuild = dataset_rebuild(splits=splits, images=images, out=shards, shard_size=shard_size,
                               ray_address=ray_address, workers=workers, force=force_rebuild)
     train_shards, val_shards = Path(shards) / train_split, Path(shards) / val_split
@@ -126,9 +135,9 @@ def retrain(
         notes.append("no compatible current model: trained from scratch")
     run_dir = Path(runs) / f"retrain-{flow_run_label()}"
     options = {"steps": steps, "batch_size": batch_size, "crop_size": crop_size, "lr": lr,
-               "device": device, **(train_options or {})}
+               "device": device, "repeat_threshold": repeat_threshold, **(train_options or {})}
     trained = train_flow(shards=train_shards, val_shards=val_shards, out=run_dir,
-                         init_checkpoint=init, **options)
+                         init_checkpoint=init, config=config, **options)
     new_eval = evaluate_flow(checkpoint=Path(trained["checkpoint"]), shards=val_shards,
                              out=run_dir / "eval-new", device=device,
                              artifact_key="evaluation-new-model")

@@ -130,6 +130,11 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
         wait_for_health(api_url, proc, log_path)
         with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_HOME: home}):
             yield PrefectServer(api_url=api_url, home=home, env=env, log_path=log_path)
+            # Send the flow-run logs still queued while the server is up: queued for a
+            # stopped server, they make the interpreter's exit retry for over a minute.
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=10)
     finally:
         stop_process_group(proc)
 

@@ -90,6 +90,14 @@ def write_classes(directory: Path, num_classes: int) -> Path:
     return path
 
 
+def _sample_classes(sample: dict) -> list[int]:
+    """The class ids a sample's metadata lists (the manifest's ``class_ids``), [] without."""
+    try:
+        return [int(c) for c in json.loads(sample["json"])["classes"]]
+    except (KeyError, TypeError, ValueError):
+        return []
+
+
 def write_shards(directory: Path, samples: list[dict], *, num_classes: int, split: str = "train",
                  shard_size: int = 1000, manifest: bool = True) -> list[Path]:
     """Write ``samples`` as ``<split>-NNNNNN.tar`` shards plus classes/manifest parquet files."""
@@ -102,7 +110,7 @@ def write_shards(directory: Path, samples: list[dict], *, num_classes: int, spli
             for sample in samples[start:start + shard_size]:
                 writer.write(sample)
                 rows.append({"key": sample["__key__"], "shard": path.name, "status": "ok",
-                             "reason": None})
+                             "reason": None, "class_ids": _sample_classes(sample)})
         shards.append(path)
     if manifest:
         pq.write_table(pa.Table.from_pylist(rows), directory / "manifest.parquet")

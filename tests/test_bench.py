@@ -75,7 +75,7 @@ def allocator_switch(monkeypatch):
     """The allocator switch of ``_measure`` recorded, not done: it would change malloc for
     the rest of this test process (the real one is tested in a subprocess below)."""
     switched = []
-    monkeypatch.setattr(bench, "_allocator_keeps_freed_memory",
+    monkeypatch.setattr(bench.core, "_allocator_keeps_freed_memory",
                         lambda: switched.append(True) or True)
     return switched
 
@@ -163,8 +163,8 @@ def test_a_slow_step_counts_its_last_memory_step_as_its_first_timed_one(monkeypa
                                                                        allocator_switch):
     import torch
 
-    monkeypatch.setattr(bench, "UNTIMED_STEP_MAX_SECONDS", 0.0)  # every step counts as slow
-    monkeypatch.setattr(bench, "MEASURE_SECONDS", 0.0)
+    monkeypatch.setattr(bench.core, "UNTIMED_STEP_MAX_SECONDS", 0.0)  # every step counts as slow
+    monkeypatch.setattr(bench.core, "MEASURE_SECONDS", 0.0)
     calls = []
     result = bench._measure(lambda: calls.append(1), torch.device("cpu"), 3, memory_steps=2)
     assert len(calls) == 2 + 2  # two memory steps (the second one timed), two more timed
@@ -194,7 +194,7 @@ def test_bench_refuses_unknown_parts_and_a_loader_without_shards(tmp_path, capsy
 
     out = str(tmp_path / "out")
     assert main(["bench", "--parts", "memory,speed", "--out", out]) == 2
-    assert "unknown part(s) speed; choose from memory, loss, build, loader" in \
+    assert "unknown part(s) speed; choose from memory, loss, search, build, loader" in \
         capsys.readouterr().err
     assert main(["bench", "--parts", "loader", "--out", out]) == 2
     assert "add build to --parts or give --shards DIR" in capsys.readouterr().err
@@ -244,7 +244,7 @@ def _tiny_settings(**_: object) -> bench.BenchSettings:
 
 
 def test_memory_part_end_to_end_on_tiny_sizes(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "settings_for", _tiny_settings)
+    monkeypatch.setattr(bench.run, "settings_for", _tiny_settings)
     result = bench.run_bench(quick=True, gpu_sizes=False, out=tmp_path, json_path=None,
                              parts=("memory",), log=lambda line: None)
     saved = json.loads((tmp_path / "bench.json").read_text())
@@ -279,7 +279,7 @@ def _serving(point):
 def test_a_failed_point_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
     """A point that fails with an error other than OOM (a kernel fault, say) gets null figures
     and its error; the later points still run, the tables say "error", and the command exits 1."""
-    monkeypatch.setattr(bench, "settings_for", _tiny_settings)
+    monkeypatch.setattr(bench.run, "settings_for", _tiny_settings)
     ran = []
 
     def flaky_point(spec):
@@ -291,7 +291,7 @@ def test_a_failed_point_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, c
                 "ratio_x": 1.0, "rounds": 1, "rounds_ratio_x": [1.0],
                 "step_seconds_low": [0.5], "step_seconds_high": [0.5]}
 
-    monkeypatch.setattr(bench, "PointServer", _serving(flaky_point))
+    monkeypatch.setattr(bench.run, "PointServer", _serving(flaky_point))
     from embseg.cli import main
 
     out = tmp_path / "out"
@@ -309,7 +309,7 @@ def test_a_failed_point_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, c
 
 
 def test_a_run_cut_short_leaves_the_points_it_measured(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "settings_for", _tiny_settings)
+    monkeypatch.setattr(bench.run, "settings_for", _tiny_settings)
     calls = []
 
     def fake_point(spec):
@@ -318,7 +318,7 @@ def test_a_run_cut_short_leaves_the_points_it_measured(tmp_path, monkeypatch):
             raise RuntimeError("the machine went away")
         return {"peak_bytes": 2**20 * len(calls), "step_seconds": 0.5, "timed_steps": 1}
 
-    monkeypatch.setattr(bench, "PointServer", _serving(fake_point))
+    monkeypatch.setattr(bench.run, "PointServer", _serving(fake_point))
     with pytest.raises(RuntimeError, match="the machine went away"):
         bench.run_bench(quick=True, gpu_sizes=False, out=tmp_path, json_path=None,
                         parts=("memory", "loss"), log=lambda line: None)

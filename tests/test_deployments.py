@@ -67,11 +67,12 @@ def test_pipeline_demo_deployment_runs_to_completed(prefect_worker, tmp_path):
     assert (run_dir / "last.pt").is_file() and (run_dir / "metrics.jsonl").is_file()
     summary = json.loads((run_dir / "eval-val" / "summary.json").read_text())
     assert summary["n_images"] == 4 and summary["miou"] is not None
-    assert len(list((run_dir / "predictions").glob("*.png"))) >= 2
+    assert len(list((run_dir / "predictions").glob("*_triptych.png"))) == 2
+    assert (run_dir / "curves.png").exists()
 
     artifacts = run_artifacts(run_id)
-    assert {"pipeline-summary", "dataset-train", "dataset-val", "train-report",
-            "evaluation-report"} <= set(artifacts)
+    assert {"pipeline-summary", "dataset-train", "dataset-val", "train-progress",
+            "train-figures", "train-report", "evaluation-report"} <= set(artifacts)
     assert str(run_dir / "predictions") in artifacts["pipeline-summary"]
     assert "| mIoU |" in artifacts["evaluation-report"]
     assert "| 12 | 12 | 0 | 0 |" in artifacts["dataset-train"]

@@ -133,6 +133,48 @@ def test_eval_writes_its_tables(trained, tmp_path):
     assert "| mIoU |" in markdown and "| rare |" in markdown and "best classes" in markdown
 
 
+def test_best_and_worst_classes_are_among_those_present_in_the_split():
+    """A class with no ground-truth pixel (only predicted: IoU 0) is never "worst"."""
+    from embseg.evaluate import build_report
+    from embseg.metrics import SegmentationMetrics
+
+    # Class ids 1..6 have 10 ground-truth pixels each, of which `correct[c]` are predicted
+    # right and the rest as class 7, which has no ground truth; class 8 appears nowhere.
+    correct = {1: 10, 2: 9, 3: 8, 4: 6, 5: 4, 6: 1}
+    truth, prediction = [], []
+    for class_id, right in correct.items():
+        truth += [class_id] * 10
+        prediction += [class_id] * right + [7] * (10 - right)
+    metrics = SegmentationMetrics(C)  # targets are class id - 1
+    metrics.update(torch.tensor([prediction]) - 1, torch.tensor([truth]) - 1)
+    vocab = make_vocabulary(C)
+    report = build_report(metrics.compute(vocab.groups()), vocab, n_images=1,
+                          n_bad_samples=0, shards="memory")
+    # independent: IoU = |P & T| / |P | T| per class, ranked over the ground-truth classes
+    truth_ids, pred_ids = np.array(truth), np.array(prediction)
+    iou = {c: ((truth_ids == c) & (pred_ids == c)).sum() / ((truth_ids == c) | (pred_ids == c)).sum()
+           for c in sorted(set(truth))}
+    ranked = sorted(iou, key=lambda c: (-iou[c], c))
+    assert [row["id"] for row in report.ranked_classes()] == ranked == [1, 2, 3, 4, 5, 6]
+    assert [row["iou"] for row in report.ranked_classes()] == pytest.approx([iou[c] for c in ranked])
+    assert report.per_class[6]["iou"] == 0.0  # class 7: scored (in the mIoU), not present
+    assert math.isnan(report.per_class[7]["iou"])
+    assert report.summary()["classes_present"] == 6
+    markdown = report.to_markdown(top=2)
+    best = markdown.split("| best classes |")[1].split("| worst classes |")[0]
+    worst = markdown.split("| worst classes |")[1]
+    assert _listed_ids(best) == [1, 2] and _listed_ids(worst) == [6, 5]
+    assert "class_7" not in markdown and "class_8" not in markdown
+    assert "of the 6 classes with ground-truth pixels in this split (of 8)" in markdown
+    # 6 present, top 5: the worst table holds only the class the best table left out
+    assert _listed_ids(report.to_markdown(top=5).split("| worst classes |")[1]) == [6]
+
+
+def _listed_ids(table: str) -> list[int]:
+    """Class ids of the ``| class_N | N | ...`` rows of a markdown fragment."""
+    return [int(line.split(" | ")[1]) for line in table.splitlines() if line.startswith("| class_")]
+
+
 def test_eval_refuses_another_vocabulary(trained, tmp_path):
     _, checkpoint = trained
     other = tmp_path / "other"

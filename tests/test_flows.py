@@ -34,7 +34,12 @@ from flows import promotion
 from flows.pipeline import _data_sources, majority_class_baseline
 from flows.rebuild import dataset_rebuild
 from flows.retrain import retrain
-from flows.train import train_config_fields, train_flow
+from flows.train import (
+    PrefectTrainProgress,
+    flow_train_config,
+    train_config_fields,
+    train_flow,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -260,12 +265,49 @@ def test_retrain_promotes_the_first_model_then_applies_the_rule(synth, prefect_s
 
 def test_train_flow_parameters_are_the_train_config_fields():
     params = inspect.signature(train_flow.fn).parameters
-    assert list(params) == train_config_fields()
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
-                if f.default is not dataclasses.MISSING}
-    differing = {name for name, p in params.items()
-                 if p.default is not inspect.Parameter.empty and p.default != defaults[name]}
+    assert list(params) == [*train_config_fields(), "config"]
+    # every setting defaults to None: the recipe's value, else the trainer's default
+    required = {name for name, p in params.items() if p.default is inspect.Parameter.empty}
+    assert required == {"shards", "out"}
+    assert all(p.default is None for name, p in params.items() if name not in required)
+    resolved = flow_train_config({"shards": Path("s"), "out": Path("o")})
+    defaults = TrainConfig(shards=Path("s"), out=Path("o"))
+    differing = {f.name for f in dataclasses.fields(TrainConfig)
+                 if getattr(resolved, f.name) != getattr(defaults, f.name)}
     assert differing == {"no_progress"}  # no progress bars in Prefect's logs
+
+
+def test_repeat_factors_of_built_shards_come_from_their_samples_class_lists(built):
+    """The manifest's class lists (what repeat-factor sampling plans from) are the classes of
+    the label maps the build wrote: factors from the shards' own sample metadata agree."""
+    from embseg.data import list_shards, read_shard
+    from embseg.sampling import class_image_fractions, repeat_factors
+
+    samples = {item["__key__"]: json.loads(item["json"])["classes"]
+               for shard in list_shards(built / "train") for item in read_shard(shard)}
+    fractions = class_image_fractions(list(samples.values()))
+    want = {key: max([max(1.0, math.sqrt(0.3 / fractions[c])) for c in classes], default=1.0)
+            for key, classes in samples.items()}
+    got = repeat_factors(built / "train" / "manifest.parquet", 0.3)
+    assert got.keys() == want.keys() and max(got.values()) > 1
+    assert [got[k] for k in want] == pytest.approx([want[k] for k in want])
+
+
+def test_train_flow_takes_a_recipe_file(built, prefect_server, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("steps: 2\nk: 3\nembed_dim: 16\nbatch_size: 4\n")
+    state = train_flow(shards=built / "train", out=tmp_path / "run", config=recipe,
+                       batch_size=2, return_state=True, **{
+                           k: v for k, v in TINY_TRAIN.items() if k != "batch_size"})
+    summary = state.result()
+    assert summary["step"] == 2 and summary["recipe"] == str(recipe)
+    stored = load_checkpoint(Path(summary["last_checkpoint"]), map_location="cpu")
+    # from the recipe: steps, k, embed_dim; the parameter given wins over it: batch_size
+    assert {name: stored["train_config"][name] for name in
+            ("steps", "k", "embed_dim", "batch_size")} == {
+        "steps": 2, "k": 3, "embed_dim": 16, "batch_size": 2}
+    assert f"recipe: `{recipe}`" in run_artifacts(state.state_details.flow_run_id)[
+        "train-report"]
 
 
 def _train_rows(run: Path) -> list[dict]:
@@ -295,6 +337,10 @@ def test_train_flow_resumes_after_the_stage_was_killed(built, prefect_server, tm
         proc.wait()
     killed_at = load_checkpoint(run / "last.pt", map_location="cpu")["step"]
     assert 0 < killed_at < 40
+    # the killed run had shown its progress in the UI while it ran
+    (shown,) = _artifacts(key="train-progress", description_like=f"train `{run}`: step %")
+    assert 0.0 <= float(shown.data) < 100.0
+    assert int(shown.description.split(": step ")[1].split("/")[0]) < 40
     rows_before = [row for row in _train_rows(run) if row["step"] <= killed_at]
     assert [row["step"] for row in rows_before] == list(range(1, killed_at + 1))
 
@@ -306,7 +352,74 @@ def test_train_flow_resumes_after_the_stage_was_killed(built, prefect_server, tm
     assert [row["step"] for row in rows] == list(range(1, 41))
     # The rows up to the checkpoint are the killed run's own (not recomputed from step 0).
     assert rows[:killed_at] == rows_before
-    assert "train-report" in run_artifacts(state.state_details.flow_run_id)
+    artifacts = run_artifacts(state.state_details.flow_run_id)
+    assert float(artifacts["train-progress"]) == 100.0
+    assert f"[curves.png]({(run / 'curves.png').resolve().as_uri()})" in artifacts["train-report"]
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _artifacts(*, key: str, description_like: str | None = None, flow_run_id=None) -> list:
+    """Artifacts with ``key`` on the session's server (newest first), optionally filtered."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    found = ArtifactFilter(key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(
+        any_=[flow_run_id]) if flow_run_id else None)
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=found, sort=ArtifactSort.CREATED_DESC)
+    if description_like is None:
+        return artifacts
+    import fnmatch
+
+    return [a for a in artifacts
+            if fnmatch.fnmatchcase(a.description or "", description_like.replace("%", "*"))]
+
+
+def test_train_progress_artifacts_follow_the_run(prefect_server, tmp_path):
+    """The flow's progress hook on the real server: the progress artifact is updated in place
+    (steps done, last loss and val mIoU), throttled between evaluations; the last figures get
+    a new train-figures version at each evaluation and at the end."""
+    from prefect import flow
+
+    from embseg.train import TrainProgress
+
+    events = [("start", 0, None, None), ("step", 1, 2.5, None), ("step", 2, 2.0, None),
+              ("eval", 2, 2.0, 0.1), ("step", 3, 1.5, 0.1), ("step", 4, 1.25, 0.1),
+              ("eval", 4, 1.25, 0.2), ("end", 4, 1.25, 0.2)]
+
+    @flow(name="progress-probe")
+    def probe(interval_s: float) -> list[tuple[float, str]]:
+        hook, seen = PrefectTrainProgress(interval_s=interval_s), []
+        for event, step, loss, miou in events:
+            best = None if miou is None else max(m for *_, m in events[:events.index(
+                (event, step, loss, miou)) + 1] if m is not None)
+            hook(TrainProgress(event=event, step=step, steps=4, loss=loss, val_miou=miou,
+                               best_val_miou=best, run_dir=tmp_path / "run"))
+            (artifact,) = [a for a in _artifacts(key="train-progress")
+                           if a.id == hook.artifact_id]
+            seen.append((float(artifact.data), artifact.description))
+        return seen
+
+    state = probe(interval_s=0.0, return_state=True)
+    seen = state.result()
+    assert [data for data, _ in seen] == [0.0, 25.0, 50.0, 50.0, 75.0, 100.0, 100.0, 100.0]
+    assert seen[1][1] == f"train `{tmp_path / 'run'}`: step 1/4 (25%): loss 2.5000, " \
+                         f"val mIoU n/a (best n/a)"
+    assert seen[-1][1].endswith("step 4/4 (100%): loss 1.2500, val mIoU 20.00% (best 20.00%)")
+    figures = _artifacts(key="train-figures", flow_run_id=state.state_details.flow_run_id)
+    assert len(figures) == 3  # two evaluations and the end
+    assert "finished" in figures[0].data and "| best val mIoU (%) | 20.0000 |" in figures[0].data
+    assert "running" in figures[-1].data and "| last val mIoU (%) | 10.0000 |" in figures[-1].data
+
+    # a long interval: between evaluations the artifact is left alone (one API call per
+    # few seconds, not per step), evaluations and the end still update it at once
+    throttled = probe(interval_s=3600.0)
+    assert [data for data, _ in throttled] == [0.0, 0.0, 0.0, 50.0, 50.0, 50.0, 100.0, 100.0]
 
 
 def _weights(checkpoint: Path) -> dict:

@@ -10,10 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from shardutil import colour_sample, make_vocabulary, write_shards
 
 from embseg.checkpoint import (
@@ -70,6 +73,36 @@ def reference_run(shards, tmp_path_factory) -> Path:
     return run
 
 
+RFS_SETTINGS = {"repeat_threshold": 2.0, "checkpoint_every": 5}
+"""A threshold above every class's image fraction (<= 1): each image repeats sqrt(2 / f) >=
+1.41 times, so about half the images come twice in an epoch, by a seeded draw; checkpoints
+at steps 5 and 8, so the resume starts at an odd step (the loader rotates its two streams)."""
+
+
+@pytest.fixture(scope="module")
+def rfs_reference_run(shards, tmp_path_factory) -> Path:
+    """The reference run with repeat-factor sampling (``--repeat-threshold 2``)."""
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("runs") / "reference-rfs"
+    train(_config(shards, run, **RFS_SETTINGS))
+    return run
+
+
+def _loader_keys(config: TrainConfig, payload: dict | None, steps: int) -> list[list[str]]:
+    """The sample keys of the next ``steps`` batches of the training loader of ``config``
+    (from the loader position stored in ``payload``, or from the start)."""
+    from embseg.data import LoaderState, train_loader
+
+    loader = train_loader(config.shards, num_classes=C, batch_size=config.batch_size,
+                          crop_size=config.crop_size, seed=config.seed,
+                          num_workers=config.num_workers, repeat_threshold=config.repeat_threshold,
+                          state=LoaderState.from_dict(payload["data"]) if payload else None,
+                          start_step=payload["step"] if payload else 0)
+    keys = [next(loader).keys for _ in range(steps)]
+    loader.close()
+    return keys
+
+
 @pytest.mark.parametrize(("head", "steps", "lr"), [("embedding", 12, 0.05), ("softmax", 20, 0.3)])
 def test_a_few_steps_lower_the_loss(shards, tmp_path, head, steps, lr):
     result = train(_config(shards, tmp_path / head, head=head, steps=steps, val_shards=None,
@@ -101,6 +134,65 @@ def test_metrics_rows_and_checkpoint_contents(reference_run):
     assert best["step"] in (4, 8)
 
 
+def test_progress_hook_and_curves_of_a_resumed_run(shards, reference_run, tmp_path):
+    """The hook sees the start (at the resumed step), every step, the evaluation and the end,
+    with the figures metrics.jsonl holds; curves.png is written beside it."""
+    from embseg.train import TrainProgress
+
+    run = tmp_path / "resumed"
+    _resume_copy(reference_run, run, "last.prev.pt")  # the step-4 checkpoint
+    events: list[TrainProgress] = []
+    result = train(_config(shards, run, resume=True), progress=events.append)
+    train_loss = {row["step"]: row["loss"] for row in _rows(run, "train")}
+    (val,) = [row["val_miou"] for row in _rows(run, "eval") if row["step"] == 8]
+    assert [(e.event, e.step) for e in events] == [
+        ("start", 4), ("step", 5), ("step", 6), ("step", 7), ("step", 8), ("eval", 8), ("end", 8)]
+    assert [e.loss for e in events] == [train_loss[e.step] for e in events]
+    assert all(e.steps == 8 and e.run_dir == run for e in events)
+    assert [e.fraction for e in events][:2] == [0.5, 0.625] and events[-1].fraction == 1.0
+    step4 = next(r["val_miou"] for r in _rows(reference_run, "eval") if r["step"] == 4)
+    assert events[0].val_miou == pytest.approx(step4)  # the checkpoint's last evaluation
+    assert events[-2].val_miou == events[-1].val_miou == pytest.approx(val)
+    assert result.curves == run / "curves.png"
+    with Image.open(result.curves) as picture:
+        assert picture.format == "PNG" and picture.text["Source"] == str(run / "metrics.jsonl")
+        assert json.loads(picture.text["Description"]) == {"loss_points": 8,
+                                                           "val_miou_points": 2}
+
+
+def _colour_pixels(picture: np.ndarray, hex_colour: str, tolerance: int = 40) -> int:
+    rgb = np.array([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(picture[..., :3].astype(int) - rgb).sum(-1) < tolerance).sum())
+
+
+def test_curves_png_from_a_metrics_file(tmp_path):
+    from embseg.curves import LOSS_COLOUR, MIOU_COLOUR, write_curves
+    from embseg.train import MetricsLog
+
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"kind": "train", "step": s, "loss": 3.0 / s} for s in range(1, 11)]
+    rows.insert(5, {"kind": "eval", "step": 5, "val_miou": 0.125})
+    rows += [{"kind": "eval", "step": 10, "val_miou": 0.25},
+             {"kind": "eval", "step": 11, "val_miou": None}]  # an evaluation with no classes
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "tra')  # cut line
+    curves = write_curves(MetricsLog(metrics).rows(), tmp_path / "curves.png", source=str(metrics))
+    assert curves.loss_steps == list(range(1, 11))
+    assert curves.losses == pytest.approx([3.0 / s for s in range(1, 11)])
+    assert (curves.eval_steps, curves.val_miou_percent) == ([5, 10], [12.5, 25.0])
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(tmp_path / "curves.png") as picture:
+        assert picture.size == (700, 550) and picture.text["Source"] == str(metrics)
+        pixels = np.asarray(picture.convert("RGB"))
+    top, bottom = pixels[:275], pixels[275:]
+    assert _colour_pixels(top, LOSS_COLOUR) > 100 and _colour_pixels(bottom, LOSS_COLOUR) == 0
+    assert _colour_pixels(bottom, MIOU_COLOUR) > 100 and _colour_pixels(top, MIOU_COLOUR) == 0
+    # without evaluations: the loss panel only, no mIoU line
+    write_curves(rows[:5], tmp_path / "loss-only.png", source=str(metrics))
+    with Image.open(tmp_path / "loss-only.png") as picture:
+        pixels = np.asarray(picture.convert("RGB"))
+    assert _colour_pixels(pixels, MIOU_COLOUR) == 0 and _colour_pixels(pixels, LOSS_COLOUR) > 50
+
+
 def _tag_rows(metrics: Path) -> list[dict]:
     """Tag every row already in ``metrics`` with ``"kept": True`` and return the tagged rows.
 
@@ -128,19 +220,33 @@ def _resume_copy(reference_run: Path, target: Path, checkpoint: str) -> None:
     shutil.copy(reference_run / "metrics.jsonl", target / "metrics.jsonl")
 
 
-def test_resume_continues_the_same_run(shards, reference_run, tmp_path):
-    run = tmp_path / "resumed"
-    _resume_copy(reference_run, run, "last.prev.pt")  # the step-4 checkpoint
-    assert torch.load(run / "last.pt", weights_only=True)["step"] == 4
+@pytest.mark.parametrize("threshold", [None, RFS_SETTINGS["repeat_threshold"]], ids=["plain", "repeat-factors"])
+def test_resume_continues_the_same_run(shards, request, tmp_path, threshold):
+    reference_run = request.getfixturevalue("reference_run" if threshold is None
+                                            else "rfs_reference_run")
+    config = _config(shards, tmp_path / "resumed", resume=True,
+                     **({} if threshold is None else RFS_SETTINGS))
+    run = config.out
+    _resume_copy(reference_run, run, "last.prev.pt")  # the checkpoint before the last
+    payload = torch.load(run / "last.pt", weights_only=True)
+    at = payload["step"]
+    assert at == config.checkpoint_every and payload["train_config"]["repeat_threshold"] == (
+        threshold)
+    # the samples after the checkpoint's loader position are those of the uninterrupted run
+    uninterrupted = _loader_keys(config, None, 8)
+    assert _loader_keys(config, payload, 8 - at) == uninterrupted[at:]
+    if threshold is not None:  # repeats happened: some image twice in the first epoch's batches
+        seen = Counter(key for batch in uninterrupted for key in batch)
+        assert max(seen.values()) > 1
     before = _tag_rows(run / "metrics.jsonl")
-    result = train(_config(shards, run, resume=True))
+    result = train(config)
     assert result.step == 8
     # the rows up to the checkpoint are the old ones, whole (images_per_second included);
     # the rows after it were cut and redone: a restart at step 0 would have redone them all
     rows = _all_rows(run)
-    assert [row for row in rows if row.get("kept")] == [r for r in before if r["step"] <= 4]
+    assert [row for row in rows if row.get("kept")] == [r for r in before if r["step"] <= at]
     assert [(r["kind"], r["step"]) for r in rows if not r.get("kept")] == [
-        *[("train", step) for step in range(5, 9)], ("eval", 8)]
+        *[("train", step) for step in range(at + 1, 9)], ("eval", 8)]
     got, want = _rows(run, "train"), _rows(reference_run, "train")
     assert [row["step"] for row in got] == list(range(1, 9))  # metrics cut back, then redone
     assert [row["loss"] for row in got] == pytest.approx([row["loss"] for row in want], rel=1e-5)
@@ -213,10 +319,12 @@ def test_resume_refuses_other_multipliers_and_checkpoints_from_before_the_option
     _resume_copy(reference_run, run, "last.prev.pt")
     with pytest.raises(EmbsegError, match=r"class_lr_mult=3\.0 \(checkpoint: 30\.0\)"):
         train(_config(shards, run, class_lr_mult=3.0, resume=True))
+    with pytest.raises(EmbsegError, match=r"repeat_threshold=0\.001 \(checkpoint: None\)"):
+        train(_config(shards, run, repeat_threshold=0.001, resume=True))
     # a checkpoint written before the options existed trained a plain head, the backbone at
     # 0.1 x lr and the class table at lr: resuming it with the new defaults is refused
     payload = torch.load(run / "last.pt", weights_only=True)
-    for name in ("embed_bn", "dropout", "backbone_lr_mult", "class_lr_mult"):
+    for name in ("embed_bn", "dropout", "backbone_lr_mult", "class_lr_mult", "repeat_threshold"):
         del payload["train_config"][name]
     save_checkpoint(payload, run / "last.pt")
     with pytest.raises(EmbsegError, match=r"embed_bn=True \(checkpoint: False\).*"

@@ -1,0 +1,169 @@
+"""Point processes: every memory/speed point of ``embseg bench`` runs in a process of its own.
+
+On CUDA a fresh interpreter (:func:`run_point`); on CPU a child forked from a server that has
+imported torch once (:class:`PointServer`). A point is a JSON spec whose ``kind`` names the
+function that runs it; the parts declare their kinds in their :class:`~embseg.bench.core.Part`
+(``points``). A point that does not fit (CUDA out-of-memory, or the CPU address-space cap) is
+recorded with a null peak; one that fails otherwise raises :class:`PointError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+from embseg.bench.core import POINT_ENV, POINT_TIMEOUT_S, _is_oom, _limit_address_space
+
+
+def _run_point_child(spec_json: str) -> None:
+    """Subprocess entry: run one point and print its JSON result on the last line."""
+    spec = json.loads(spec_json)
+    if spec["device"] == "cpu":
+        _limit_address_space(spec["cpu_memory_cap_gib"])
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    from embseg.bench.parts import point_kinds  # the parts import this module
+
+    runner = point_kinds()[spec["kind"]]
+    try:
+        result = runner(spec)
+    except Exception as exc:  # noqa: BLE001 - OOM of any flavour is a result, not a crash
+        if not _is_oom(exc):
+            raise
+        result = {"peak_bytes": None, "step_seconds": None, "oom": True}
+    print(json.dumps(result))
+
+
+def run_point(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one point in a fresh interpreter; a crash for lack of memory counts as OOM."""
+    code = ("import sys; from embseg.bench.points import _run_point_child; "
+            "_run_point_child(sys.argv[1])")
+    env = dict(os.environ, **POINT_ENV)
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True,
+                          text=True, timeout=POINT_TIMEOUT_S, env=env)
+    return _point_result(spec, proc.returncode, proc.stdout, proc.stderr)
+
+
+class PointError(RuntimeError):
+    """A point's process ended with an error other than running out of memory."""
+
+
+def _point_result(spec: dict[str, Any], returncode: int, stdout: str, stderr: str
+                  ) -> dict[str, Any]:
+    """A finished point's JSON result; OOM for a kill or an out-of-memory error, else raise
+    :class:`PointError` with the error's last line."""
+    if returncode == 0 and stdout.strip():
+        return json.loads(stdout.strip().splitlines()[-1])
+    if returncode < 0 or _is_oom(RuntimeError(stderr)):
+        return {"peak_bytes": None, "step_seconds": None, "oom": True}
+    last = (stderr.strip().splitlines() or ["no output"])[-1]
+    raise PointError(f"benchmark point {spec} failed: {last}")
+
+
+def _recorded(run, spec: dict[str, Any], log) -> dict[str, Any]:
+    """``run(spec)``, with a :class:`PointError` recorded as the point's result (null figures
+    and ``error``) rather than raised: one point whose kernel fails (a GPU run is minutes of
+    lent time) does not cost the points after it. The command reports such points at the end
+    and exits 1."""
+    try:
+        return run(spec)
+    except PointError as exc:
+        log(f"error  {exc}")
+        return {"peak_bytes": None, "step_seconds": None, "error": str(exc)}
+
+
+class PointServer:
+    """Runs CPU points, each in a child process forked from one interpreter that has already
+    imported torch and the model code.
+
+    A fresh interpreter per point spends ~2.5 s of a 2-core CPU on imports before its first
+    step, about a minute of ``--quick``. A forked child is still a process of its own: its
+    peak (VmHWM) starts at what the server held at the fork, a Python + torch process like a
+    fresh one, and its allocations die with it. The server never runs torch work itself, so
+    no OpenMP thread pool exists to be broken by the fork, and numba is not imported there
+    (the softmax points would carry its libraries). Use :func:`run_point` on CUDA.
+    """
+
+    def __init__(self) -> None:
+        code = "from embseg.bench.points import _serve_points; _serve_points()"
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, env=dict(os.environ, **POINT_ENV), start_new_session=True)
+
+    def run(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """:func:`run_point` of ``spec`` in a forked child (same results, same errors)."""
+        import select
+
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(json.dumps(spec) + "\n")
+        self._proc.stdin.flush()
+        ready, _, _ = select.select([self._proc.stdout], [], [], POINT_TIMEOUT_S)
+        if not ready:
+            self.close()
+            raise subprocess.TimeoutExpired(f"benchmark point {spec}", POINT_TIMEOUT_S)
+        line = self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmark point {spec} failed: the point server exited "
+                               f"({self._proc.wait()})")
+        answer = json.loads(line)
+        return _point_result(spec, answer["returncode"], answer["stdout"], answer["stderr"])
+
+    def close(self) -> None:
+        """Stop the server and any child it is running."""
+        if self._proc.poll() is None:
+            import signal
+
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        self._proc.wait()
+
+    def __enter__(self) -> PointServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _serve_points() -> None:
+    """The :class:`PointServer` process: one JSON spec per line in, one answer per line out
+    (the child's exit code, negative for a signal, and what it printed)."""
+    import traceback
+
+    import torch  # noqa: F401 - imported once here, inherited by every forked point
+
+    import embseg.ess  # noqa: F401
+    import embseg.models  # noqa: F401
+
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # nothing else printed here can reach the answers
+    for line in sys.stdin:
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:  # the point
+                code = 1
+                try:
+                    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+                    os.dup2(out.fileno(), 1)
+                    os.dup2(err.fileno(), 2)
+                    _run_point_child(line.strip())
+                    code = 0
+                except BaseException:  # noqa: BLE001 - reported through stderr and the code
+                    traceback.print_exc()
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            out.seek(0)
+            err.seek(0)
+            answers.write(json.dumps({
+                "returncode": os.waitstatus_to_exitcode(status),
+                "stdout": out.read().decode(errors="replace"),
+                "stderr": err.read().decode(errors="replace")}) + "\n")
+            answers.flush()
