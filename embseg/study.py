@@ -610,7 +610,7 @@ class Study:
                 "repeat_threshold": repeat_threshold})
         self.log(f"run {job['name']}: val mIoU {_pct(figures['val_miou'])}, groups "
                  + ", ".join(f"{g} {_pct(figures['group_miou'][g])}" for g in GROUPS)
-                 + f", {figures['seconds']:.0f} s ({figures['images_per_second']} images/s)")
+                 + f", {figures['seconds']:.0f} s ({figures['images_per_second'] or 0:.1f} images/s)")
         self.save()
 
     def run(self) -> dict[str, Any]:
@@ -823,6 +823,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
     rows = summary_rows(result["runs"])
@@ -839,13 +840,24 @@ def plot(result: dict[str, Any], path: Path) -> None:
             low = [100 * (p["mean"] - min(r["val_miou"] for r in p["runs"])) for p in points]
             high = [100 * (max(r["val_miou"] for r in p["runs"]) - p["mean"]) for p in points]
             ax.errorbar(xs, ys, yerr=[low, high], fmt=style, capsize=4, label=label)
+        if comparison == "equal_memory":
+            unfit = [m["classes"] for m in result["memory_search"]
+                     if m["softmax_batch_size"] is None]
+            if unfit:
+                ax.plot(unfit, [0.0] * len(unfit), "rx", markersize=9,
+                        label="softmax does not fit ESS's memory")
         ax.set_xscale("log")
+        ax.set_yscale("symlog", linthresh=0.1)  # the large-C points are fractions of 1%
+        ax.set_yticks([0, 0.1, 0.3, 1, 3, 10, 30, 100])
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         ax.set_xlabel("classes C")
         ax.set_title(comparison.replace("_", " "))
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("val mIoU (%)")
+    axes[0].set_ylabel("val mIoU (%), log above 0.1")
+    top = max([100 * max(r["val_miou"] for r in row["runs"]) for row in rows] + [1.0])
+    axes[0].set_ylim(0, top * 1.5)
     fig.suptitle(f"embseg study, {result['device']} (error bars: seed range)", fontsize=10)
     fig.tight_layout()
     import io

@@ -203,8 +203,8 @@ def test_a_study_cut_short_keeps_its_first_run(tmp_path, work):
             proc.kill()
     assert proc.returncode == 130, output
     saved = json.loads((out / "study.json").read_text())
-    assert not saved["complete"]
-    assert saved["runs"][:len(runs)] == runs
+    assert not saved["complete"], output
+    assert saved["runs"][:len(runs)] == runs, output
     first = saved["runs"][0]
     assert (first["head"], first["classes"], first["seed"]) == ("ess", 102, 0)
     _check_run(first)
