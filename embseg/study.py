@@ -67,11 +67,13 @@ HEAD_NAMES = {"embedding": "ess", "softmax": "softmax"}
 COMPARISONS = ("equal_steps", "equal_memory")
 GROUPS = ("rare", "common", "frequent", "stuff")
 SMALL_GOAL_RATIO = 0.95
+RATIO_FLOOR = 1e-9
+"""Denominator floor of the small-C ratio when softmax's mIoU is 0."""
 
 FROM_SCRATCH_OPTIONS = {"lr": 0.05, "backbone_lr_mult": 1.0, "dropout": 0.0}
 """Trainer options both heads get here: the backbone trains from random weights (the 0.1
 backbone multiplier and the ASPP dropout of 0.5 protect pretrained weights and slow a short
-run from scratch down, README 'Measured so far')."""
+run from scratch down: benchmarks/README.md, 'Training on synthetic data')."""
 
 PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1",
              "OMP_WAIT_POLICY": "PASSIVE"}
@@ -703,11 +705,15 @@ def goal_details(runs: list[dict[str, Any]], plan: StudyPlan) -> list[tuple[Goal
     ess = [r["val_miou"] for r in _runs(runs, head="ess", classes=small, comparison="equal_steps")]
     soft = [r["val_miou"] for r in _runs(runs, head="softmax", classes=small,
                                          comparison="equal_steps")]
-    if ess and soft and statistics.mean(soft) > 0:
-        ratio = statistics.mean(ess) / statistics.mean(soft)
+    if ess and soft:
+        ess_mean, soft_mean = statistics.mean(ess), statistics.mean(soft)
+        # softmax at 0 (a run too short to learn anything): both at 0 count as equal (1.0x);
+        # otherwise the ratio is taken against a floor far below one pixel's IoU, so that
+        # study.json keeps a finite number
+        ratio = 1.0 if ess_mean == soft_mean == 0 else ess_mean / max(soft_mean, RATIO_FLOOR)
         name = f"C={small}, equal steps: ESS val mIoU >= {SMALL_GOAL_RATIO}x softmax"
-        out.append((Goal(name, bool(ratio >= SMALL_GOAL_RATIO), ratio),
-                    f"ESS {_pct(statistics.mean(ess))}, softmax {_pct(statistics.mean(soft))} "
+        out.append((Goal(name, bool(ratio >= SMALL_GOAL_RATIO), float(ratio)),
+                    f"ESS {_pct(ess_mean)}, softmax {_pct(soft_mean)} "
                     f"(means of {len(ess)} and {len(soft)} seeds): {ratio:.3f}x"))
     return out
 

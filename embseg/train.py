@@ -97,7 +97,7 @@ class TrainConfig:
     backbone_weights: Path | None = None
     output_stride: int = 16
     embed_dim: int = 32
-    k: int = 25  # embseg study's tuning (README): k = 7 reached half as much from scratch
+    k: int = 25  # embseg study's tuning (benchmarks/results/2026-12-02-study-cpu/tuning.md)
     temperature: float = 5.0  # embseg study's tuning: T = 20 (the release's) learnt slower
     margin: float = 0.2
     embed_bn: bool = True  # parameter-free BN on the embedding head's last conv

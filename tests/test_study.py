@@ -129,6 +129,18 @@ def test_goals_use_means_and_the_seed_spread():
     assert small.value == pytest.approx(0.195 / 0.20) and small.passed
     runs[3]["val_miou"] = 0.026  # spread 0.006 < 0.009
     assert study.goals(runs, plan)[0].passed
+    # softmax at 0 at the small count (too few steps to learn): the goal is still computed
+    for r in runs[6:]:
+        r["val_miou"] = 0.0
+    small = study.goals(runs, plan)[1]
+    assert small.passed and small.value == pytest.approx(0.195 / study.RATIO_FLOOR)
+    for r in runs[4:6]:
+        r["val_miou"] = 0.0
+    small = study.goals(runs, plan)[1]
+    assert small.passed and small.value == 1.0
+    runs[6]["val_miou"] = 0.01  # softmax learnt something, ESS nothing
+    small = study.goals(runs, plan)[1]
+    assert not small.passed and small.value == 0.0
 
 
 def test_overrides_and_unknown_settings():

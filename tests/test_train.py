@@ -103,7 +103,9 @@ def _loader_keys(config: TrainConfig, payload: dict | None, steps: int) -> list[
     return keys
 
 
-@pytest.mark.parametrize(("head", "steps", "lr"), [("embedding", 12, 0.05), ("softmax", 20, 0.3)])
+# 40 steps for ESS: at the default T = 5 its loss falls by 6% in the first 12 steps on these
+# 8-class colour samples (by 20% at T = 20), by 27% in 40
+@pytest.mark.parametrize(("head", "steps", "lr"), [("embedding", 40, 0.05), ("softmax", 20, 0.3)])
 def test_a_few_steps_lower_the_loss(shards, tmp_path, head, steps, lr):
     result = train(_config(shards, tmp_path / head, head=head, steps=steps, val_shards=None,
                            checkpoint_every=100, lr=lr))
