@@ -34,13 +34,13 @@ from embseg.buildsource import (
     vocabulary_to_array,
 )
 from embseg.errors import EmbsegError
+from embseg.fileio import read_file_bytes
 from embseg.jsonindex import (
     ArraySpans,
     ElementReader,
     JsonIndex,
     index_json_file,
     parse_element,
-    read_file_bytes,
 )
 from embseg.vocab import (
     Vocabulary,

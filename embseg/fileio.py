@@ -1,4 +1,4 @@
-"""Crash-safe file writes shared by every stage.
+"""Crash-safe file writes shared by every stage, and the one checked whole-file read.
 
 A file a later stage reads (a shard record, a checkpoint, a vocabulary, an evaluation table,
 a prediction picture) must never be seen half written: a kill, a full disk or an exception
@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+from embseg.errors import EmbsegError
 
 
 def fsync_file(path: Path) -> None:
@@ -76,3 +78,20 @@ def write_bytes_atomically(path: Path, data: bytes, *, temporary: Path | None = 
 def write_text_atomically(path: Path, text: str) -> Path:
     """:func:`write_atomically` for UTF-8 text already in memory."""
     return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def read_file_bytes(path: Path) -> bytes:
+    """The whole file (EmbsegError naming it when it is missing, not a file, unreadable or
+    empty). Plain bytes, not a memory map: views of them can outlive any scope safely."""
+    path = Path(path)
+    if not path.exists():
+        raise EmbsegError(f"{path}: file not found")
+    if not path.is_file():
+        raise EmbsegError(f"{path}: not a file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise EmbsegError(f"{path}: cannot read ({' '.join(str(exc).split())})") from exc
+    if not data:
+        raise EmbsegError(f"{path}: file is empty")
+    return data

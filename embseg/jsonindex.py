@@ -25,6 +25,7 @@ import numpy as np
 import orjson
 
 from embseg.errors import EmbsegError
+from embseg.fileio import read_file_bytes
 
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
@@ -258,23 +259,6 @@ class JsonIndex:
 
 
 _KIND = {91: "array", 123: "object", 34: "string", 116: "true", 102: "false", 110: "null"}
-
-
-def read_file_bytes(path: Path) -> bytes:
-    """The whole file (EmbsegError naming it when it is missing, not a file, unreadable or
-    empty). Plain bytes, not a memory map: views of them can outlive any scope safely."""
-    path = Path(path)
-    if not path.exists():
-        raise EmbsegError(f"{path}: file not found")
-    if not path.is_file():
-        raise EmbsegError(f"{path}: not a file")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise EmbsegError(f"{path}: cannot read ({' '.join(str(exc).split())})") from exc
-    if not data:
-        raise EmbsegError(f"{path}: file is empty")
-    return data
 
 
 def index_json_file(path: Path, data: bytes | None = None) -> JsonIndex:

@@ -280,15 +280,17 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _read_image_bytes(path: Path) -> bytes:
+def read_item_file(path: Path, what: str = "image") -> bytes:
+    """The bytes of one item's ``what`` file (image, label); an ItemFailure naming the file
+    when it is missing, unreadable or empty (the item fails, the build goes on)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise ItemFailure(f"image file not found: {path}") from None
+        raise ItemFailure(f"{what} file not found: {path}") from None
     except OSError as exc:
-        raise ItemFailure(f"cannot read image file {path}: {_one_line(exc)}") from exc
+        raise ItemFailure(f"cannot read {what} file {path}: {_one_line(exc)}") from exc
     if not data:
-        raise ItemFailure(f"image file is empty: {path}")
+        raise ItemFailure(f"{what} file is empty: {path}")
     return data
 
 
@@ -325,7 +327,7 @@ def _process(item: ImageItem, images_root: Path, overlap: str) -> ImageResult:
     if not item.lvis_anns and not item.stuff_anns:
         return ImageResult(image_id=item.image_id, key=item.key, status="skipped",
                            reason=NO_ANNOTATION_REASON)
-    data = _read_image_bytes(images_root / item.rel_path)
+    data = read_item_file(images_root / item.rel_path)
     width, height = stored_image_size(data)
     if (width, height) != (item.width, item.height):
         raise ItemFailure(f"image is {width}x{height} pixels but the annotations say "

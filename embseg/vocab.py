@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from embseg.errors import EmbsegError
-from embseg.fileio import write_bytes_atomically
+from embseg.fileio import read_file_bytes, write_bytes_atomically
 
 STUFF_FIRST_ID = 92
 STUFF_LAST_ID = 182
@@ -260,14 +260,7 @@ def validate_categories(categories: Any, source: str) -> list[dict]:
 def read_json_file(path: Path) -> Any:
     """Parse one JSON file, turning every way it can be unusable into a one-line EmbsegError."""
     path = Path(path)
-    if not path.exists():
-        raise EmbsegError(f"{path}: file not found")
-    if not path.is_file():
-        raise EmbsegError(f"{path}: not a file")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise EmbsegError(f"{path}: cannot read ({_one_line(exc)})") from exc
+    data = read_file_bytes(path)
     if not data.strip():
         raise EmbsegError(f"{path}: file is empty")
     try:

@@ -28,7 +28,13 @@ import numpy as np
 from PIL import Image
 
 from embseg.errors import EmbsegError, ItemFailure
-from embseg.labels import ImageResult, class_pixel_counts, encode_label_png, stored_image_size
+from embseg.labels import (
+    ImageResult,
+    class_pixel_counts,
+    encode_label_png,
+    read_item_file,
+    stored_image_size,
+)
 from embseg.vocab import Vocabulary
 
 # Label PNG modes whose pixels are the stored values themselves (P: the palette index).
@@ -257,18 +263,6 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _read(path: Path, what: str) -> bytes:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ItemFailure(f"{what} file not found: {path}") from None
-    except OSError as exc:
-        raise ItemFailure(f"cannot read {what} file {path}: {_one_line(exc)}") from exc
-    if not data:
-        raise ItemFailure(f"{what} file is empty: {path}")
-    return data
-
-
 def read_label_values(data: bytes) -> np.ndarray:
     """The stored values of a label PNG (palette indices for mode P), as a 2-D array.
 
@@ -297,9 +291,9 @@ def _process(item: PairItem, root: Path, value_map: ValueMap, fmt: str) -> Image
         raise ItemFailure(item.failure)
     if item.image is None or item.label is None:
         raise ItemFailure("item has no image or no label file")
-    data = _read(root / item.image, "image")
+    data = read_item_file(root / item.image, "image")
     width, height = stored_image_size(data)
-    values = read_label_values(_read(root / item.label, "label"))
+    values = read_label_values(read_item_file(root / item.label, "label"))
     if values.shape != (height, width):
         raise ItemFailure(f"label {item.label} is {values.shape[1]}x{values.shape[0]} but the "
                           f"image is {width}x{height} (width x height)")
