@@ -59,7 +59,8 @@ def _point_result(spec: dict[str, Any], returncode: int, stdout: str, stderr: st
     :class:`PointError` with the error's last line."""
     if returncode == 0 and stdout.strip():
         return json.loads(stdout.strip().splitlines()[-1])
-    if returncode < 0 or _is_oom(RuntimeError(stderr)):
+    last_line = (stderr.strip().splitlines() or [""])[-1]  # MemoryError: also while importing
+    if returncode < 0 or _is_oom(RuntimeError(stderr)) or last_line.startswith("MemoryError"):
         return {"peak_bytes": None, "step_seconds": None, "oom": True}
     last = (stderr.strip().splitlines() or ["no output"])[-1]
     raise PointError(f"benchmark point {spec} failed: {last}")
