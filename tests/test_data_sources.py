@@ -1,7 +1,7 @@
 """Shards from wherever users keep them: the --shards forms, and the loaders reading shards
-over a real HTTP server and a real S3-compatible server (moto) on 127.0.0.1, through
-``pipe:`` commands, with the faults of a local folder (truncated shard, a connection dropped
-mid-shard, a missing shard) named by URL and key."""
+over a real HTTP server, a real S3-compatible server (moto) and a GCS emulator
+(fake-gcs-server) on 127.0.0.1, through ``pipe:`` commands, with the faults of a local folder
+(truncated shard, a connection dropped mid-shard, a missing shard) named by URL and key."""
 
 from __future__ import annotations
 
@@ -292,3 +292,43 @@ def test_s3_faults_name_the_url_and_the_key(local, s3_bucket):
     with pytest.raises(EmbsegError, match="elsewhere: shard folder does not exist"):
         shard_source(f"{s3_bucket.url}/elsewhere")
     assert np.isfinite(read_num_classes(pattern))
+
+
+# --------------------------------------------------------------------------- GCS (emulator)
+
+
+def test_gcs_folder_reads_like_the_local_folder(local, gcs_bucket):
+    fs = gcs_bucket.server.filesystem()
+    prefix = f"{gcs_bucket.url}/shards/train"
+    _upload(local, fs, prefix)
+    fs.pipe(f"{prefix}/.train-000009.tar.tmp", b"partial")  # never listed
+    source = shard_source(prefix)
+    assert source.urls == tuple(f"{prefix}/{n}" for n in shard_source(local).names)
+    assert source.beside == prefix
+    assert read_num_classes(prefix) == C and manifest_keys(prefix)["train-000002.tar"] == KEYS[6:]
+    assert _eval_keys_and_images(prefix)[0] == KEYS
+    _same_batches(_train_batches(prefix, num_workers=2), _train_batches(local, num_workers=2))
+    pattern = f"{prefix}/train-{{000000..000002}}.tar"
+    _same_batches(_train_batches(pattern), _train_batches(local))
+
+
+def test_gcs_faults_name_the_url_and_the_key(local, gcs_bucket):
+    fs = gcs_bucket.server.filesystem()
+    prefix = f"{gcs_bucket.url}/train"
+    _upload(local, fs, prefix, skip=("train-000002.tar",))
+    fs.pipe(f"{prefix}/train-000001.tar",
+            _cut_inside(local / "train-000001.tar", f"{KEYS[3]}.jpg"))
+    pattern = f"{prefix}/train-{{000000..000002}}.tar"
+    with pytest.raises(EmbsegError, match=rf"shard {prefix}/train-000001.tar, key {KEYS[3]}: "
+                                          r"unreadable tar \(unexpected end of data\)"):
+        list(eval_loader(pattern, num_classes=C))
+    skipping = eval_loader(pattern, num_classes=C, on_bad_sample="skip")
+    assert [k for b in skipping for k in b.keys] == KEYS[:3]
+    assert skipping.bad_samples == 2
+    assert any(f"{prefix}/train-000002.tar, key {KEYS[6]}: unreadable tar (shard not found)"
+               in s for s in skipping.skipped)
+    with pytest.raises(EmbsegError, match="elsewhere: shard folder does not exist"):
+        shard_source(f"{gcs_bucket.url}/elsewhere")
+    fs.rm_file(f"{prefix}/classes.parquet")
+    with pytest.raises(EmbsegError, match=rf"{prefix}/classes.parquet: not found"):
+        read_num_classes(pattern)

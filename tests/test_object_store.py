@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -23,6 +24,27 @@ def test_s3_server_is_reached_by_fsspec_defaults_and_boto3(s3_bucket):
     assert body == b"hello s3"
     with pytest.raises(FileNotFoundError):
         fs.cat(f"{s3_bucket.url}/dir/missing.bin")
+
+
+def test_gcs_emulator_is_reached_by_fsspec_defaults_and_a_subprocess(gcs_bucket):
+    url = f"{gcs_bucket.url}/dir/hello.bin"
+    with fsspec.open(url, "wb") as handle:  # no options: the environment points at the emulator
+        handle.write(b"hello gcs")
+    fs = gcs_bucket.server.filesystem()
+    assert fs.cat(url) == b"hello gcs"
+    assert fs.ls(f"{gcs_bucket.url}/dir", detail=False) == [f"{gcs_bucket.name}/dir/hello.bin"]
+    info = fs.info(url)
+    assert info["size"] == len(b"hello gcs") and info["etag"] and info["generation"]
+    with fsspec.open(url, "rb") as handle:  # a ranged read
+        handle.seek(6)
+        assert handle.read() == b"gcs"
+    with pytest.raises(FileNotFoundError):
+        fs.cat(f"{gcs_bucket.url}/dir/missing.bin")
+    # a new process (as `embseg build` or a DataLoader's spawned worker) inherits the settings
+    read = subprocess.run([sys.executable, "-c", f"import fsspec, sys; sys.stdout.buffer.write("
+                           f"fsspec.open({url!r}, 'rb').open().read())"],
+                          capture_output=True, timeout=60)
+    assert read.returncode == 0 and read.stdout == b"hello gcs", read.stderr.decode()[-2000:]
 
 
 def _get(url: str, headers: dict | None = None) -> tuple[int, bytes, dict]:
