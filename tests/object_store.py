@@ -79,6 +79,30 @@ for _name, _value in GCS_PLAIN_FILESYSTEM.items():
     os.environ.setdefault(_name, _value)
 
 
+def _serve(process: subprocess.Popen, server, probe_url: str, name: str, scheme: str):
+    """Wait until the server ``process`` answers at ``probe_url``, point this process's
+    environment and fsspec's ``scheme`` configuration at it, yield ``server`` (a session
+    fixture's body), then restore both and stop the process."""
+    try:
+        _wait_until_serving(probe_url, process, name)
+    except BaseException:
+        _stop(process)
+        raise
+    saved_env = {name: os.environ.get(name) for name in server.env}
+    os.environ.update(server.env)
+    saved_conf = _fsspec_config(scheme, server.storage_options)
+    try:
+        yield server
+    finally:
+        _fsspec_config(scheme, saved_conf)
+        for env_name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(env_name, None)
+            else:
+                os.environ[env_name] = value
+        _stop(process)
+
+
 # --------------------------------------------------------------------------------------------
 # S3 (moto server mode)
 
@@ -194,24 +218,7 @@ def s3_server() -> Iterator[S3Server]:
                                 str(port)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     server = S3Server(endpoint_url=f"http://127.0.0.1:{port}")
-    try:
-        _wait_until_serving(f"{server.endpoint_url}/moto-api/", process, "moto.server")
-    except BaseException:
-        _stop(process)
-        raise
-    saved_env = {name: os.environ.get(name) for name in server.env}
-    os.environ.update(server.env)
-    saved_conf = _fsspec_config("s3", server.storage_options)
-    try:
-        yield server
-    finally:
-        _fsspec_config("s3", saved_conf)
-        for name, value in saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        _stop(process)
+    yield from _serve(process, server, f"{server.endpoint_url}/moto-api/", "moto.server", "s3")
 
 
 @pytest.fixture
@@ -302,24 +309,7 @@ def gcs_server() -> Iterator[GCSServer]:
                                 "-log-level", "error"], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     server = GCSServer(endpoint_url=endpoint_url)
-    try:
-        _wait_until_serving(f"{endpoint_url}/storage/v1/b", process, "fake-gcs-server")
-    except BaseException:
-        _stop(process)
-        raise
-    saved_env = {name: os.environ.get(name) for name in server.env}
-    os.environ.update(server.env)
-    saved_conf = _fsspec_config("gs", server.storage_options)
-    try:
-        yield server
-    finally:
-        _fsspec_config("gs", saved_conf)
-        for name, value in saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        _stop(process)
+    yield from _serve(process, server, f"{endpoint_url}/storage/v1/b", "fake-gcs-server", "gs")
 
 
 @pytest.fixture
