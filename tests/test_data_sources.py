@@ -253,7 +253,7 @@ def test_http_without_manifest_warns_and_cut_at_boundary_fails_on_the_drop(local
         list(eval_loader(pattern, num_classes=C))
 
 
-# --------------------------------------------------------------------------- S3 (moto)
+# ------------------------------------------------------- object stores (moto S3, GCS emulator)
 
 
 def _upload(local: Path, fs, prefix: str, *, skip: tuple[str, ...] = ()) -> None:
@@ -262,44 +262,17 @@ def _upload(local: Path, fs, prefix: str, *, skip: tuple[str, ...] = ()) -> None
             fs.pipe(f"{prefix}/{path.name}", path.read_bytes())
 
 
-def test_s3_folder_reads_like_the_local_folder(local, s3_bucket):
-    fs = s3_bucket.server.filesystem()
-    prefix = f"{s3_bucket.url}/shards/train"
-    _upload(local, fs, prefix)
-    fs.pipe(f"{prefix}/.train-000009.tar.tmp", b"partial")  # never listed
-    source = shard_source(prefix)
-    assert source.urls == tuple(f"{prefix}/{n}" for n in shard_source(local).names)
-    assert read_num_classes(prefix) == C and manifest_keys(prefix)["train-000002.tar"] == KEYS[6:]
-    assert _eval_keys_and_images(prefix)[0] == KEYS
-    _same_batches(_train_batches(prefix, num_workers=2), _train_batches(local, num_workers=2))
+STORES = [pytest.param("s3_bucket", " (NoSuchKey)", id="s3"),
+          pytest.param("gcs_bucket", "", id="gcs")]
+"""The object stores the tests run (moto's S3, the GCS emulator), with what each adds to a
+missing shard's reason."""
 
 
-def test_s3_faults_name_the_url_and_the_key(local, s3_bucket):
-    fs = s3_bucket.server.filesystem()
-    prefix = f"{s3_bucket.url}/train"
-    _upload(local, fs, prefix, skip=("train-000002.tar",))
-    fs.pipe(f"{prefix}/train-000001.tar",
-            _cut_inside(local / "train-000001.tar", f"{KEYS[3]}.jpg"))
-    pattern = f"{prefix}/train-{{000000..000002}}.tar"
-    with pytest.raises(EmbsegError, match=rf"shard {prefix}/train-000001.tar, key {KEYS[3]}: "
-                                          r"unreadable tar \(unexpected end of data\)"):
-        list(eval_loader(pattern, num_classes=C))
-    skipping = eval_loader(pattern, num_classes=C, on_bad_sample="skip")
-    assert [k for b in skipping for k in b.keys] == KEYS[:3]
-    assert skipping.bad_samples == 2
-    assert any(f"{prefix}/train-000002.tar, key {KEYS[6]}: unreadable tar (shard not found "
-               f"(NoSuchKey))" in s for s in skipping.skipped)
-    with pytest.raises(EmbsegError, match="elsewhere: shard folder does not exist"):
-        shard_source(f"{s3_bucket.url}/elsewhere")
-    assert np.isfinite(read_num_classes(pattern))
-
-
-# --------------------------------------------------------------------------- GCS (emulator)
-
-
-def test_gcs_folder_reads_like_the_local_folder(local, gcs_bucket):
-    fs = gcs_bucket.server.filesystem()
-    prefix = f"{gcs_bucket.url}/shards/train"
+@pytest.mark.parametrize(("store", "missing"), STORES)
+def test_object_store_folder_reads_like_the_local_folder(local, store, missing, request):
+    bucket = request.getfixturevalue(store)
+    fs = bucket.server.filesystem()
+    prefix = f"{bucket.url}/shards/train"
     _upload(local, fs, prefix)
     fs.pipe(f"{prefix}/.train-000009.tar.tmp", b"partial")  # never listed
     source = shard_source(prefix)
@@ -312,9 +285,11 @@ def test_gcs_folder_reads_like_the_local_folder(local, gcs_bucket):
     _same_batches(_train_batches(pattern), _train_batches(local))
 
 
-def test_gcs_faults_name_the_url_and_the_key(local, gcs_bucket):
-    fs = gcs_bucket.server.filesystem()
-    prefix = f"{gcs_bucket.url}/train"
+@pytest.mark.parametrize(("store", "missing"), STORES)
+def test_object_store_faults_name_the_url_and_the_key(local, store, missing, request):
+    bucket = request.getfixturevalue(store)
+    fs = bucket.server.filesystem()
+    prefix = f"{bucket.url}/train"
     _upload(local, fs, prefix, skip=("train-000002.tar",))
     fs.pipe(f"{prefix}/train-000001.tar",
             _cut_inside(local / "train-000001.tar", f"{KEYS[3]}.jpg"))
@@ -325,10 +300,11 @@ def test_gcs_faults_name_the_url_and_the_key(local, gcs_bucket):
     skipping = eval_loader(pattern, num_classes=C, on_bad_sample="skip")
     assert [k for b in skipping for k in b.keys] == KEYS[:3]
     assert skipping.bad_samples == 2
-    assert any(f"{prefix}/train-000002.tar, key {KEYS[6]}: unreadable tar (shard not found)"
-               in s for s in skipping.skipped)
+    assert any(f"{prefix}/train-000002.tar, key {KEYS[6]}: unreadable tar (shard not found"
+               f"{missing})" in s for s in skipping.skipped)
     with pytest.raises(EmbsegError, match="elsewhere: shard folder does not exist"):
-        shard_source(f"{gcs_bucket.url}/elsewhere")
+        shard_source(f"{bucket.url}/elsewhere")
+    assert np.isfinite(read_num_classes(pattern))
     fs.rm_file(f"{prefix}/classes.parquet")
     with pytest.raises(EmbsegError, match=rf"{prefix}/classes.parquet: not found"):
         read_num_classes(pattern)
