@@ -52,6 +52,8 @@ def test_softmax_head_gives_class_logits_and_no_class_table():
     with torch.no_grad():
         logits = model(torch.randn(2, 3, 48, 40))
     assert logits.shape == (2, 13, 48, 40)
+    # pixel-major, so that the loss reads it as (pixels, C) rows without a copy
+    assert logits.is_contiguous(memory_format=torch.channels_last)
     assert model.class_embeddings is None
     assert torch.equal(model.predict(logits), logits.argmax(dim=1))
     with pytest.raises(ValueError):
@@ -299,11 +301,12 @@ def cross_entropy_calls(monkeypatch) -> list[torch.Size]:
     (6 * 5, 6 * 5),  # one row per call
 ])
 @pytest.mark.parametrize("ignore_index", [-1, 255])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_softmax_cross_entropy_in_parts_is_the_one_call_mean(cross_entropy_calls,
                                                               max_elements, largest_call,
-                                                              ignore_index):
+                                                              ignore_index, layout):
     torch.manual_seed(4)
-    logits = torch.randn(5, 6, 7, 5, dtype=torch.float64)
+    logits = torch.randn(5, 6, 7, 5, dtype=torch.float64).contiguous(memory_format=layout)
     target = torch.randint(0, 6, (5, 7, 5))
     target[torch.rand(target.shape) < 0.2] = ignore_index
     target[1] = ignore_index  # a sample without labels: its parts add nothing
@@ -316,6 +319,9 @@ def test_softmax_cross_entropy_in_parts_is_the_one_call_mean(cross_entropy_calls
     total.backward()
     sizes = [shape.numel() for shape in cross_entropy_calls]
     assert max(sizes) == largest_call and sum(sizes) == logits.numel()
+    # channels-last parts are given as (pixels, C) rows, the others in the spatial form
+    expected_dims = 2 if layout is torch.channels_last else 4
+    assert {len(shape) for shape in cross_entropy_calls} == {expected_dims}
     torch.testing.assert_close(total, reference)
     torch.testing.assert_close(parted.grad, whole.grad)
 

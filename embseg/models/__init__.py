@@ -50,9 +50,14 @@ def softmax_cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int =
     of samples, and a sample too large on its own into bands of rows, and the per-part sums
     are divided by the labelled-pixel count (the same mean). Give float32 (or float64) logits,
     as the model does: a half-precision sum over a part's pixels overflows.
+
+    Layout: channels-last logits (the model's, see :meth:`SegmentationModel.forward`) are
+    given to ``F.cross_entropy`` as their (pixels, C) row view, without a copy; PyTorch's
+    CPU kernels are faster on rows than on the spatial (B, C, H, W) form (forward + backward
+    at 8 x 1,289 x 64 x 64: 0.20 s vs 0.38 s). Other layouts take the spatial call.
     """
     if logits.numel() <= max_elements:
-        return F.cross_entropy(logits, target, ignore_index=ignore_index)
+        return _cross_entropy(logits, target, ignore_index=ignore_index, reduction="mean")
     _, classes, height, width = logits.shape
     if classes * width > max_elements:
         raise ValueError(f"one row of logits ({classes} classes x {width} pixels) is over "
@@ -64,9 +69,21 @@ def softmax_cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int =
                                             strict=True):
         for part_logits, part_target in zip(sample_logits.split(rows, dim=2),
                                             sample_target.split(rows, dim=1), strict=True):
-            total = total + F.cross_entropy(part_logits, part_target,
-                                            ignore_index=ignore_index, reduction="sum")
+            total = total + _cross_entropy(part_logits, part_target,
+                                           ignore_index=ignore_index, reduction="sum")
     return total / (target != ignore_index).sum()
+
+
+def _cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int, reduction: str
+                   ) -> Tensor:
+    """One ``F.cross_entropy`` call: on the pixel-row view of channels-last logits (a view:
+    every sample group and row band of a channels-last tensor is channels-last too), else on
+    the spatial form."""
+    if logits.is_contiguous(memory_format=torch.channels_last):
+        rows = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
+        return F.cross_entropy(rows, target.reshape(-1), ignore_index=ignore_index,
+                               reduction=reduction)
+    return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
 
 
 class SegmentationModel(nn.Module):
@@ -99,10 +116,16 @@ class SegmentationModel(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         features = self.backbone(images)
         out = self.decoder(features["low"], features["high"])
-        out = F.interpolate(out, size=images.shape[-2:], mode="bilinear", align_corners=False)
         if self.head_type == "embedding":
+            out = F.interpolate(out, size=images.shape[-2:], mode="bilinear",
+                                align_corners=False)
             return F.normalize(out.float(), dim=1)
-        return out
+        # Logits are upsampled and kept channels-last (pixel-major): PyTorch's CPU bilinear
+        # kernel is an order of magnitude slower on (B, C, H, W)-contiguous input with many
+        # channels (8 x 1,289 x 16 x 16 -> 64 x 64: 1.04 s vs 0.065 s), and the loss reads
+        # channels-last logits as pixel rows without a copy (softmax_cross_entropy).
+        out = out.contiguous(memory_format=torch.channels_last)
+        return F.interpolate(out, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
     def normalized_class_embeddings(self) -> Tensor:
         """The (C, d) class table, each row L2-normalised (float32), as used by loss/predict."""
