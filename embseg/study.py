@@ -15,9 +15,10 @@ The ESS run is the reference of both comparisons and is recorded under both. At 
 repeat-factor class counts (default 1,289) ESS also trains with repeat-factor sampling (the
 threshold scaled to the synthetic set: :func:`scaled_repeat_threshold`).
 
-Every training run and every memory probe runs in a fresh interpreter of its own: a run's
-memory never inflates another's, and the orchestrating process never runs torch itself. A
-probe is a few training steps of the run's model on random input: on CUDA
+Every training run and every memory probe runs in a process of its own (on CPU forked from a
+server that has imported torch once, :mod:`embseg.forkserver`; on CUDA a fresh interpreter):
+a run's memory never inflates another's, and the orchestrating process never runs torch
+itself. A probe is a few training steps of the run's model on random input: on CUDA
 ``max_memory_allocated``; on CPU the growth of the process's resident anonymous memory (peak
 RSS, VmHWM, minus resident mapped-file pages, against the same figure before the model was
 built), with glibc's allocator set as ``embseg bench`` sets it (freed blocks go back to the
@@ -50,6 +51,7 @@ from typing import Any
 
 from embseg.errors import EmbsegError
 from embseg.fileio import write_bytes_atomically, write_text_atomically
+from embseg.forkserver import ForkServer, ForkServerExited
 
 LVIS_V1_GROUP_SIZES = {"f": 405, "c": 461, "r": 337}
 """Frequent / common / rare category counts of LVIS v1 (1,203 categories)."""
@@ -438,38 +440,63 @@ def _train_job(job: dict[str, Any]) -> dict[str, Any]:
             "images_per_second": statistics.median(speeds) if speeds else None}
 
 
-def _job_child(job_json: str, result_path: str) -> None:
-    """Subprocess entry: run one job and write its JSON result to ``result_path``."""
-    job = json.loads(job_json)
+JOB_PRELOAD = ("torch", "embseg.models", "embseg.train", "embseg.evaluate")
+"""What the CPU job server imports once for every probe and run it forks."""
+
+
+def _job_child(request: str) -> None:
+    """Job process entry: ``request`` is JSON ``{"job", "result"}``; run the job and write its
+    JSON result to the ``result`` path."""
+    payload = json.loads(request)
+    job = payload["job"]
     result = {"probe": _probe_job, "train": _train_job}[job["kind"]](job)
-    write_text_atomically(Path(result_path), json.dumps(result))
+    write_text_atomically(Path(payload["result"]), json.dumps(result))
 
 
 class JobError(EmbsegError):
     """A probe or training run ended with an error."""
 
 
-def run_job(job: dict[str, Any], work: Path) -> dict[str, Any]:
-    """Run one job in a fresh interpreter and return its result (JobError on failure; a
-    probe that runs out of memory returns a null peak)."""
-    code = "import sys; from embseg.study import _job_child; _job_child(sys.argv[1], sys.argv[2])"
+def job_server() -> ForkServer:
+    """The server CPU probes and runs are forked from (the study's allocator environment)."""
+    return ForkServer("embseg.study:_job_child", preload=JOB_PRELOAD, env=PROBE_ENV)
+
+
+def run_job(job: dict[str, Any], work: Path, server: ForkServer | None = None
+            ) -> dict[str, Any]:
+    """Run one job in a process of its own and return its result: forked from ``server``
+    when given, else a fresh interpreter. JobError on failure; a probe that runs out of
+    memory returns a null peak."""
     result_path = Path(work) / f".job-{os.getpid()}.json"
     result_path.unlink(missing_ok=True)
-    env = dict(os.environ, **PROBE_ENV)
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(job), str(result_path)],
-                          capture_output=True, text=True, env=env)
-    if proc.returncode == 0 and result_path.is_file():
+    request = json.dumps({"job": job, "result": str(result_path)})
+    if server is not None:
+        returncode, stderr = _forked(server, request)
+    else:
+        code = "import sys; from embseg.study import _job_child; _job_child(sys.argv[1])"
+        proc = subprocess.run([sys.executable, "-c", code, request], capture_output=True,
+                              text=True, env=dict(os.environ, **PROBE_ENV))
+        returncode, stderr = proc.returncode, proc.stderr
+    if returncode == 0 and result_path.is_file():
         result = json.loads(result_path.read_text())
         result_path.unlink()
         return result
-    text = proc.stderr.strip()
-    if job["kind"] == "probe" and (proc.returncode == -9 or "out of memory" in text.lower()
+    text = stderr.strip()
+    if job["kind"] == "probe" and (returncode == -9 or "out of memory" in text.lower()
                                    or "can't allocate" in text.lower()):
         return {"peak_bytes": None}
-    if proc.returncode in (-2, 130):
+    if returncode in (-2, 130):
         raise KeyboardInterrupt
-    last = (text.splitlines() or [f"exit status {proc.returncode}"])[-1]
+    last = (text.splitlines() or [f"exit status {returncode}"])[-1]
     raise JobError(f"study {job['kind']} {job.get('name', '')}: {last}")
+
+
+def _forked(server: ForkServer, request: str) -> tuple[int, str]:
+    try:
+        child = server.run(request)
+    except ForkServerExited as exc:
+        raise JobError(f"study: {exc}") from None
+    return child.returncode, child.stderr
 
 
 # --------------------------------------------------------------------------- the study
@@ -546,6 +573,7 @@ class Study:
             "load_average": {"start": _load_average()}}
         self.started = time.perf_counter()
         self.probes: dict[tuple[int, str, int, int], int | None] = {}
+        self.server: ForkServer | None = None  # CPU jobs are forked from it while run() runs
 
     def save(self) -> None:
         self.result["goals"] = [asdict(g) for g in goals(self.result["runs"], self.plan)]
@@ -562,7 +590,7 @@ class Study:
         if key not in self.probes:
             job = _job(self.plan, data, kind="probe", head=head, batch=batch, crop=crop,
                        work=self.work)
-            self.probes[key] = run_job(job, self.work)["peak_bytes"]
+            self.probes[key] = run_job(job, self.work, self.server)["peak_bytes"]
         return self.probes[key]
 
     def match(self, data: StudyData) -> dict[str, Any]:
@@ -596,7 +624,7 @@ class Study:
                    comparison="+".join(comparisons), repeat_threshold=repeat_threshold,
                    work=self.work)
         try:
-            figures = run_job(job, self.work)
+            figures = run_job(job, self.work, self.server)
         except JobError as exc:
             self.log(f"FAILED {job['name']}: {exc}")
             self.result["failed"].append({"run": job["name"], "error": str(exc)})
@@ -616,6 +644,17 @@ class Study:
         self.save()
 
     def run(self) -> dict[str, Any]:
+        """Data, memory searches, then every run; the result (also in ``study.json``)."""
+        if self.plan.device.startswith("cuda"):
+            return self._run()
+        with job_server() as server:
+            self.server = server
+            try:
+                return self._run()
+            finally:
+                self.server = None
+
+    def _run(self) -> dict[str, Any]:
         sizes = self.plan.sizes
         self.save()
         specs = [DataSpec(classes=c, images=sizes.images, val_images=sizes.val_images,

@@ -270,3 +270,12 @@ def test_study_end_to_end_on_a_tiny_ladder(tmp_path, work, capsys):
                 "| 103 | equal_memory | ess | - | 1 |"):
         assert row in table
     assert (out / "study.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_failing_job_is_a_job_error_whether_forked_or_fresh(tmp_path):
+    job = {"kind": "train", "name": "broken"}  # no options: the job's first line fails
+    with study.job_server() as server:
+        for runner in (server, None):
+            with pytest.raises(study.JobError, match=r"study train broken: KeyError: 'options'"):
+                study.run_job(job, tmp_path, runner)
+    assert not list(tmp_path.iterdir())  # no result file left behind

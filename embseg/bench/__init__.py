@@ -109,7 +109,6 @@ from embseg.bench.points import (  # noqa: F401
     _point_result,
     _recorded,
     _run_point_child,
-    _serve_points,
     run_point,
 )
 from embseg.bench.report import (  # noqa: F401

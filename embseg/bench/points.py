@@ -13,10 +13,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from typing import Any
 
 from embseg.bench.core import POINT_ENV, POINT_TIMEOUT_S, _is_oom, _limit_address_space
+from embseg.forkserver import ForkServer, ForkServerExited
 
 
 def _run_point_child(spec_json: str) -> None:
@@ -79,92 +79,32 @@ def _recorded(run, spec: dict[str, Any], log) -> dict[str, Any]:
 
 
 class PointServer:
-    """Runs CPU points, each in a child process forked from one interpreter that has already
-    imported torch and the model code.
+    """Runs CPU points, each in a child forked from one interpreter that has already
+    imported torch and the model code (:class:`~embseg.forkserver.ForkServer`).
 
     A fresh interpreter per point spends ~2.5 s of a 2-core CPU on imports before its first
-    step, about a minute of ``--quick``. A forked child is still a process of its own: its
-    peak (VmHWM) starts at what the server held at the fork, a Python + torch process like a
-    fresh one, and its allocations die with it. The server never runs torch work itself, so
-    no OpenMP thread pool exists to be broken by the fork, and numba is not imported there
-    (the softmax points would carry its libraries). Use :func:`run_point` on CUDA.
+    step, about a minute of ``--quick``. numba is not imported in the server (the softmax
+    points would carry its libraries). Use :func:`run_point` on CUDA.
     """
 
     def __init__(self) -> None:
-        code = "from embseg.bench.points import _serve_points; _serve_points()"
-        self._proc = subprocess.Popen(
-            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True, env=dict(os.environ, **POINT_ENV), start_new_session=True)
+        self._server = ForkServer("embseg.bench.points:_run_point_child",
+                                  preload=("torch", "embseg.ess", "embseg.models"), env=POINT_ENV)
 
     def run(self, spec: dict[str, Any]) -> dict[str, Any]:
         """:func:`run_point` of ``spec`` in a forked child (same results, same errors)."""
-        import select
-
-        assert self._proc.stdin is not None and self._proc.stdout is not None
-        self._proc.stdin.write(json.dumps(spec) + "\n")
-        self._proc.stdin.flush()
-        ready, _, _ = select.select([self._proc.stdout], [], [], POINT_TIMEOUT_S)
-        if not ready:
-            self.close()
-            raise subprocess.TimeoutExpired(f"benchmark point {spec}", POINT_TIMEOUT_S)
-        line = self._proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"benchmark point {spec} failed: the point server exited "
-                               f"({self._proc.wait()})")
-        answer = json.loads(line)
-        return _point_result(spec, answer["returncode"], answer["stdout"], answer["stderr"])
+        try:
+            child = self._server.run(json.dumps(spec), timeout=POINT_TIMEOUT_S)
+        except ForkServerExited as exc:
+            raise RuntimeError(f"benchmark point {spec} failed: {exc}") from None
+        return _point_result(spec, child.returncode, child.stdout, child.stderr)
 
     def close(self) -> None:
         """Stop the server and any child it is running."""
-        if self._proc.poll() is None:
-            import signal
-
-            os.killpg(self._proc.pid, signal.SIGKILL)
-        self._proc.wait()
+        self._server.close()
 
     def __enter__(self) -> PointServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _serve_points() -> None:
-    """The :class:`PointServer` process: one JSON spec per line in, one answer per line out
-    (the child's exit code, negative for a signal, and what it printed)."""
-    import traceback
-
-    import torch  # noqa: F401 - imported once here, inherited by every forked point
-
-    import embseg.ess  # noqa: F401
-    import embseg.models  # noqa: F401
-
-    answers = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # nothing else printed here can reach the answers
-    for line in sys.stdin:
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:  # the point
-                code = 1
-                try:
-                    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-                    os.dup2(out.fileno(), 1)
-                    os.dup2(err.fileno(), 2)
-                    _run_point_child(line.strip())
-                    code = 0
-                except BaseException:  # noqa: BLE001 - reported through stderr and the code
-                    traceback.print_exc()
-                finally:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(code)
-            _, status = os.waitpid(pid, 0)
-            out.seek(0)
-            err.seek(0)
-            answers.write(json.dumps({
-                "returncode": os.waitstatus_to_exitcode(status),
-                "stdout": out.read().decode(errors="replace"),
-                "stderr": err.read().decode(errors="replace")}) + "\n")
-            answers.flush()
