@@ -568,6 +568,10 @@ class Study:
                                 "(VmHWM - RssFile) over its steps"),
                 "equal_memory": "softmax gets the largest batch x crop^2 whose peak fits in "
                                 "ESS's; steps held equal", "probe_env": PROBE_ENV,
+                "job_process": ("a fresh interpreter per probe and run"
+                                if plan.device.startswith("cuda") else
+                                "a child forked per probe and run from one server that "
+                                "imported torch (embseg.forkserver)"),
                 "software": software_versions()},
             "memory_search": [], "repeat_thresholds": {}, "failed": [],
             "load_average": {"start": _load_average()}}
