@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone-lr-mult", type=float, default=0.1,
                    help="backbone learning rate / --lr (0.1 for pretrained weights; 1.0 "
                         "suits a backbone trained from scratch)")
-    p.add_argument("--class-lr-mult", type=float, default=30.0,
+    p.add_argument("--class-lr-mult", type=float, default=300.0,
                    help="class-table learning rate / --lr (the table is used L2-normalised, "
                         "which slows its rows down by ~||row||^2)")
     p.add_argument("--steps", type=int, default=1000,

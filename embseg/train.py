@@ -103,7 +103,7 @@ class TrainConfig:
     embed_bn: bool = True  # parameter-free BN on the embedding head's last conv
     dropout: float = 0.5  # of the ASPP projection (torchvision's); short runs learn faster at 0
     backbone_lr_mult: float = 0.1  # 1.0 suits a backbone trained from scratch (tiny)
-    class_lr_mult: float = 30.0  # the L2-normalised class table turns slowly at the base lr
+    class_lr_mult: float = 300.0  # the L2-normalised class table turns slowly at the base lr
     steps: int = 1000
     batch_size: int = 8
     crop_size: int = 256
