@@ -116,16 +116,17 @@ class SegmentationModel(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         features = self.backbone(images)
         out = self.decoder(features["low"], features["high"])
+        if self.head_type == "softmax":
+            # Logits are upsampled and kept channels-last (pixel-major): PyTorch's CPU
+            # bilinear kernel is an order of magnitude slower on (B, C, H, W)-contiguous
+            # input with many channels (8 x 1,289 x 16 x 16 -> 64 x 64: 1.04 s vs 0.065 s),
+            # and the loss reads channels-last logits as pixel rows without a copy
+            # (softmax_cross_entropy).
+            out = out.contiguous(memory_format=torch.channels_last)
+        out = F.interpolate(out, size=images.shape[-2:], mode="bilinear", align_corners=False)
         if self.head_type == "embedding":
-            out = F.interpolate(out, size=images.shape[-2:], mode="bilinear",
-                                align_corners=False)
             return F.normalize(out.float(), dim=1)
-        # Logits are upsampled and kept channels-last (pixel-major): PyTorch's CPU bilinear
-        # kernel is an order of magnitude slower on (B, C, H, W)-contiguous input with many
-        # channels (8 x 1,289 x 16 x 16 -> 64 x 64: 1.04 s vs 0.065 s), and the loss reads
-        # channels-last logits as pixel rows without a copy (softmax_cross_entropy).
-        out = out.contiguous(memory_format=torch.channels_last)
-        return F.interpolate(out, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return out
 
     def normalized_class_embeddings(self) -> Tensor:
         """The (C, d) class table, each row L2-normalised (float32), as used by loss/predict."""
